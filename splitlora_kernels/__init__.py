@@ -1,0 +1,30 @@
+"""Fused LoRA linear kernels (Triton) and drop-in layers.
+
+`lora_linear` runs the Triton kernels on CUDA tensors and the plain-torch reference on CPU tensors.
+Names are resolved lazily so that importing the package does not import triton, transformers or peft.
+"""
+import importlib
+
+_EXPORTS = {
+    "lora_linear": "splitlora_kernels.ops.lora_linear",
+    "FusedLoRALinear": "splitlora_kernels.layers",
+    "apply_fused_lora": "splitlora_kernels.layers",
+    "from_peft": "splitlora_kernels.peft_compat",
+    "save_peft_adapter": "splitlora_kernels.peft_compat",
+    "load_peft_adapter": "splitlora_kernels.peft_compat",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitlora_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,29 @@
+"""Shared test fixtures: GPU skipping and the location of ../shared/data."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("SPLITLORA_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not (path / "e2e").is_dir():
+        pytest.skip(f"shared data not found at {path} (set SPLITLORA_DATA to the folder holding e2e/)")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
