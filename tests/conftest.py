@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels can only run in Triton's interpreter, and triton.jit reads this
+# variable when a kernel is decorated: set it before any test module imports a kernel file.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
