@@ -1,0 +1,455 @@
+"""Drop-in LoRA layers backed by the fused `lora_linear` op, and helpers to swap them into a model.
+
+`FusedLoRALinear` stays thin: it owns parameters and bookkeeping (rank, alpha, merge state) and hands
+the arithmetic to `splitlora_kernels.lora_linear` (Triton on CUDA, the plain-torch reference on CPU).
+
+Naming follows the model, not PEFT: the frozen base weight and bias stay at `<module>.weight` and
+`<module>.bias`, exactly where the replaced nn.Linear / Conv1D kept them, so a base checkpoint still
+loads into a wrapped model and weight tying survives the swap; the adapters sit beside them at
+`<module>.lora_A` ([r, in]) and `<module>.lora_B` ([out, r]). `splitlora_kernels.peft_compat`
+translates to and from PEFT's `base_model.model.<module>.lora_A.weight` names.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Iterable, Mapping, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.lora_linear import lora_linear
+
+__all__ = [
+    "FusedLoRALinear",
+    "apply_fused_lora",
+    "lora_modules",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "merge_lora",
+    "unmerge_lora",
+]
+
+RankSpec = Union[int, Mapping[str, int]]
+AlphaSpec = Union[float, Mapping[str, float]]
+
+
+def _conv1d_class():
+    """transformers' GPT-2 Conv1D, or None when transformers is not installed (importing it is slow,
+    and this module must stay usable without it)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a hard dependency of the package
+        return None
+    return Conv1D
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _check_hyperparameters(r, lora_alpha, lora_dropout) -> None:
+    # bool is an int subclass; r=True would silently mean rank 1.
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"r (the LoRA rank) must be an integer >= 1; got {r!r}.")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a number > 0; got {lora_alpha!r}.")
+    if (
+        isinstance(lora_dropout, bool)
+        or not isinstance(lora_dropout, numbers.Real)
+        or not 0.0 <= lora_dropout < 1.0
+    ):
+        raise ValueError(f"lora_dropout must be a probability in [0, 1); got {lora_dropout!r}.")
+
+
+class FusedLoRALinear(nn.Module):
+    """A linear layer with a frozen base weight and a trainable low-rank update:
+
+        y = x @ W.T + b + scaling * (dropout(x) @ lora_A.T) @ lora_B.T,
+        scaling = lora_alpha / r            (or lora_alpha / sqrt(r) with use_rslora=True)
+
+    `weight` is stored as [out, in] like nn.Linear, or as [in, out] when `fan_in_fan_out=True`
+    (GPT-2's Conv1D layout, PEFT's flag of the same name); the op then receives the transposed view.
+    `lora_A` is [r, in] and `lora_B` is [out, r] in either layout, as in PEFT.
+
+    Built fresh, the adapters are initialised like PEFT's default (A kaiming-uniform with
+    a=sqrt(5), B zeros), so the layer computes exactly its base linear map until B is trained.
+    Prefer `FusedLoRALinear.from_linear(existing_layer, r, alpha)` to wrap a pretrained layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = True,
+        fan_in_fan_out: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        # Initialise the base like nn.Linear would, so a FusedLoRALinear built from scratch is usable.
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        weight = base.weight
+        if fan_in_fan_out:
+            weight = nn.Parameter(base.weight.detach().t().contiguous())
+        self._setup(weight, base.bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora)
+
+    # Shared by __init__ and from_linear: from_linear must adopt the existing Parameter objects
+    # rather than allocate (and randomly initialise) a second full-size weight.
+    def _setup(self, weight, bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora) -> None:
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        if weight.dim() != 2:
+            raise ValueError(f"the base weight must be 2-D; got shape {tuple(weight.shape)}.")
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(
+                f"the base bias must have shape ({self.out_features},) to match the weight; got {tuple(bias.shape)}."
+            )
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        self.lora_alpha = float(lora_alpha)
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        r = int(r)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.merged = False
+        # The (A, B, scaling) that merge() folded in; unmerge() subtracts exactly that, so an
+        # optimizer step taken while merged cannot leave a residue in the base weight.
+        self._merged_with = None
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> "FusedLoRALinear":
+        """Wrap an `nn.Linear` or a transformers GPT-2 `Conv1D`, reusing its weight and bias
+        Parameters (same objects, same storage: no copy, state-dict names and tying preserved).
+        The base parameters are frozen; new adapters are created on the weight's device and dtype."""
+        if isinstance(linear, FusedLoRALinear):
+            raise ValueError("linear is already a FusedLoRALinear; wrap the original nn.Linear or Conv1D instead.")
+        if isinstance(linear, nn.Linear):
+            fan_in_fan_out = False
+        elif _is_conv1d(linear):
+            fan_in_fan_out = True
+        else:
+            raise ValueError(
+                f"linear must be a torch.nn.Linear or a transformers Conv1D; got {type(linear).__name__}."
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias, fan_in_fan_out, r, alpha, dropout, use_rslora)
+        layer.train(linear.training)
+        return layer
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def scaling(self) -> float:
+        # Derived rather than stored so r, alpha and scaling can never disagree (and an adapter
+        # file, which records r and alpha only, always reproduces the scaling in use).
+        if self.use_rslora:
+            return self.lora_alpha / math.sqrt(self.r)
+        return self.lora_alpha / self.r
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default initialisation: the update B @ A starts at exactly zero."""
+        if self.merged:
+            raise ValueError("cannot reset the adapters of a merged layer; call unmerge() first.")
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in the layout of `weight` and in its dtype, computed in float32 at least
+        (bf16/fp16 matmuls on CPU are slow and a half-precision product would lose the small update)."""
+        return self._delta(self.lora_A, self.lora_B, self.scaling)
+
+    def _delta(self, lora_a, lora_b, scaling) -> torch.Tensor:
+        acc = dict(device=self.weight.device, dtype=torch.promote_types(self.weight.dtype, torch.float32))
+        # .to(device): the copies kept by merge() are plain attributes that module.to() does not move.
+        delta = (lora_b.detach().to(**acc) @ lora_a.detach().to(**acc)) * scaling
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scaling * B @ A into the base weight; forward then runs the base linear only."""
+        if self.merged:
+            raise ValueError("this FusedLoRALinear is already merged; merging twice would add the update twice.")
+        lora_a, lora_b, scaling = self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling
+        merged = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) + self._delta(
+            lora_a, lora_b, scaling
+        )
+        self.weight.copy_(merged)
+        self._merged_with = (lora_a, lora_b, scaling)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update that merge() added (the adapter values at merge time)."""
+        if not self.merged:
+            raise ValueError("this FusedLoRALinear is not merged; there is nothing to unmerge.")
+        lora_a, lora_b, scaling = self._merged_with
+        restored = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) - self._delta(
+            lora_a, lora_b, scaling
+        )
+        self.weight.copy_(restored)
+        self._merged_with = None
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._base_weight()
+        bias = self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # The fused op is a custom autograd.Function that autocast does not see into: apply the
+            # cast autocast would have applied to a linear layer ourselves.
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(compute_dtype)
+            weight = weight.to(compute_dtype)
+            bias = None if bias is None else bias.to(compute_dtype)
+        else:
+            compute_dtype = weight.dtype
+            if x.dtype != compute_dtype:
+                raise ValueError(
+                    f"FusedLoRALinear received an input of dtype {x.dtype} but its base weight is {compute_dtype}; "
+                    f"cast the input or the module (module.to({x.dtype})), or run under torch.autocast."
+                )
+        if self.merged:
+            return F.linear(x, weight, bias)
+        lora_a, lora_b = self.lora_A, self.lora_B
+        # Adapters may be kept in higher precision than the base (PEFT keeps them in float32 for a
+        # bf16 model); the differentiable cast sends gradients back in the adapters' own dtype.
+        if lora_a.dtype != compute_dtype:
+            lora_a = lora_a.to(compute_dtype)
+        if lora_b.dtype != compute_dtype:
+            lora_b = lora_b.to(compute_dtype)
+        return lora_linear(
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            self.scaling,
+            bias=bias,
+            dropout_p=self.lora_dropout,
+            training=self.training,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
+            f"use_rslora={self.use_rslora}, bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, "
+            f"merged={self.merged}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Model-level helpers
+# --------------------------------------------------------------------------------------------
+
+
+def lora_modules(model: nn.Module) -> Dict[str, FusedLoRALinear]:
+    """{qualified module name: FusedLoRALinear} in `model.named_modules()` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Only the adapter tensors, named as in `model.state_dict()` (`<module>.lora_A`, `<module>.lora_B`),
+    so the result loads back with `load_lora_state_dict` or `model.load_state_dict(sd, strict=False)`.
+
+    Like `state_dict()`, the tensors are detached but share storage with the parameters: clone them
+    to keep a snapshot across optimizer steps (e.g. the global adapters of a federated round)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, module in lora_modules(model).items():
+        prefix = f"{name}." if name else ""
+        out[prefix + "lora_A"] = module.lora_A.detach()
+        out[prefix + "lora_B"] = module.lora_B.detach()
+    return out
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy adapter tensors (names as produced by `lora_state_dict`) into the model's FusedLoRALinear
+    modules in place, casting to each parameter's dtype and device; optimizer references stay valid.
+
+    With strict=True every adapter of the model must be given and no other key may appear."""
+    own = lora_state_dict(model)
+    if not own:
+        raise ValueError("model holds no FusedLoRALinear module; wrap it first with apply_fused_lora().")
+    unexpected = sorted(k for k in state_dict if k not in own)
+    missing = sorted(k for k in own if k not in state_dict)
+    if strict and (unexpected or missing):
+        raise ValueError(
+            "state_dict does not match the model's LoRA adapters: "
+            f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}."
+        )
+    for key, target in own.items():
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {tuple(value.shape)} but the model expects {tuple(target.shape)} "
+                "(a different rank or layer size)."
+            )
+        target.copy_(value)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every FusedLoRALinear of `model` (see FusedLoRALinear.merge)."""
+    for module in lora_modules(model).values():
+        module.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Unmerge every FusedLoRALinear of `model` (see FusedLoRALinear.unmerge)."""
+    for module in lora_modules(model).values():
+        module.unmerge()
+    return model
+
+
+def _name_matches(name: str, key: str) -> bool:
+    # PEFT's list semantics for target_modules: a full name, or a suffix on a '.' boundary.
+    return name == key or name.endswith("." + key)
+
+
+def _resolve_per_module(spec, name: str, what: str):
+    """The value of an int-or-dict argument for one module: for a dict, the most specific matching key
+    (a full name beats a shorter suffix) wins."""
+    if not isinstance(spec, Mapping):
+        return spec
+    matching = [key for key in spec if _name_matches(name, key)]
+    if not matching:
+        raise ValueError(
+            f"{what} is a dict but none of its keys {sorted(spec)} matches the targeted module {name!r}; "
+            f"add its suffix (e.g. {name.rsplit('.', 1)[-1]!r}) or its full name."
+        )
+    return spec[max(matching, key=len)]
+
+
+def _available_linear_names(model: nn.Module) -> list:
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if name and (_is_linear_like(m) or isinstance(m, FusedLoRALinear))
+        }
+    )
+
+
+def apply_fused_lora(
+    model: nn.Module,
+    target_modules: Union[str, Iterable[str]],
+    r: RankSpec,
+    alpha: AlphaSpec,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Replace the targeted linear modules of `model` by FusedLoRALinear, in place, and freeze every
+    parameter except the adapters. Returns `model`.
+
+    target_modules: module-name suffixes or full names, matched like PEFT's list form
+        ("c_attn" matches "transformer.h.0.attn.c_attn"); a single string is one such name (not a regex).
+        Every entry must match at least one module, and every match must be an nn.Linear or Conv1D.
+    r, alpha: a number for all targets, or a dict {suffix or full name: value} for per-module values
+        (the most specific key wins, so {"q_proj": 8, "model.layers.0.self_attn.q_proj": 16} gives layer
+        0 rank 16); every targeted module must be covered and every key must match a targeted module.
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    target_modules = list(target_modules) if target_modules is not None else []
+    if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(
+            "target_modules must be a non-empty list of module-name suffixes or full names, "
+            f"e.g. ['q_proj', 'v_proj']; got {target_modules!r}."
+        )
+
+    named = [(name, m) for name, m in model.named_modules() if name]
+    matched: Dict[str, nn.Module] = {}
+    unmatched = []
+    for target in target_modules:
+        hits = [(name, m) for name, m in named if _name_matches(name, target)]
+        if not hits:
+            unmatched.append(target)
+        matched.update(hits)
+    if unmatched:
+        raise ValueError(
+            f"target_modules entries {unmatched} match no module of {type(model).__name__}; "
+            f"its linear modules are named {_available_linear_names(model)}."
+        )
+    for name, module in matched.items():
+        if isinstance(module, FusedLoRALinear):
+            raise ValueError(f"module {name!r} already has LoRA adapters (it is a FusedLoRALinear).")
+        if not _is_linear_like(module):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}; only torch.nn.Linear and transformers "
+                "Conv1D can be wrapped. Name a linear submodule instead "
+                f"(linear modules: {_available_linear_names(model)})."
+            )
+
+    # A dict key that matches no targeted module is almost certainly a typo; say so now rather
+    # than train with a rank nobody asked for.
+    for spec, what in ((r, "r"), (alpha, "alpha")):
+        if isinstance(spec, Mapping):
+            stray = [k for k in spec if not any(_name_matches(name, k) for name in matched)]
+            if stray:
+                raise ValueError(
+                    f"{what} has keys {stray} that match none of the targeted modules "
+                    f"(targets: {target_modules})."
+                )
+
+    # Resolve and validate everything before the first swap, so a bad argument leaves the model untouched.
+    plan = []
+    for name, module in matched.items():
+        rank = _resolve_per_module(r, name, "r")
+        module_alpha = _resolve_per_module(alpha, name, "alpha")
+        try:
+            _check_hyperparameters(rank, module_alpha, dropout)
+        except ValueError as err:
+            raise ValueError(f"for module {name!r}: {err}") from None
+        plan.append((name, module, rank, module_alpha))
+
+    for name, module, rank, module_alpha in plan:
+        new = FusedLoRALinear.from_linear(module, rank, module_alpha, dropout=dropout, use_rslora=use_rslora)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in lora_modules(model).values():
+        module.lora_A.requires_grad_(True)
+        module.lora_B.requires_grad_(True)
+    return model
