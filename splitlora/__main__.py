@@ -1,0 +1,5 @@
+import sys
+
+from splitlora.cli import main
+
+sys.exit(main())
