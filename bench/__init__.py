@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run as `python -m bench.<name>`; results are assembled into bench/RESULTS.md."""
