@@ -10,6 +10,10 @@ import torch
 from splitlora import codec
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (bits, stochastic) pairs that exist: bits 16 is a bf16 passthrough with nothing to round.
+CODEC_MODES = [(bits, stochastic) for bits in (2, 4, 8, 16) for stochastic in (False, True)
+               if not (stochastic and bits == 16)]
+CODEC_MODE_IDS = [f"{bits}bit-{'stochastic' if stochastic else 'nearest'}" for bits, stochastic in CODEC_MODES]
 QUANT_BITS = (2, 4, 8)
 
 # Relative half-ulp of the final cast to the input dtype, and the absolute error floor from
