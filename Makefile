@@ -40,8 +40,10 @@ test: build
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# CPU benchmarks (a few minutes on 2 cores); see bench/RESULTS.md for the GPU commands.
 bench: build
-	$(PY) -m bench.run_all
+	$(PY) -m bench.bench_codec --device cpu --out runs/bench
+	$(PY) -m bench.bench_lora --device cpu --out runs/bench
 
 clean:
 	rm -rf build *.egg-info splitlora/_C*.so $(BUILD_STAMP)

@@ -60,4 +60,23 @@ def _build_ext():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
+def _install_requires():
+    import torch
+
+    # The extension links against this torch's C++ ABI: require the same release at run time.
+    built_against = torch.__version__.split("+")[0]
+    return [
+        f"torch=={built_against}",
+        "numpy",
+        "transformers>=4.45",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+    ]
+
+
+setup(
+    install_requires=_install_requires(),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)
