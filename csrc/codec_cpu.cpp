@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "codec.h"
+#include "dispatch.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -48,26 +49,6 @@ struct F16 {
   static inline float load(uint16_t v) { return f16_to_f32(v); }
   static inline uint16_t store(float v) { return f32_to_f16(v); }
 };
-
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(F32{}); break;
-    case at::kHalf: f(F16{}); break;
-    case at::kBFloat16: f(BF16{}); break;
-    default: TORCH_CHECK(false, "splitlora codec: unsupported dtype ", dtype, "; expected float32, float16 or bfloat16");
-  }
-}
-
-template <typename F>
-void dispatch_bits(int64_t bits, F&& f) {
-  switch (bits) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "splitlora codec: bits must be 2, 4 or 8 here, got ", bits);
-  }
-}
 
 // Quantizes groups [g0, g1). Returns 1 when a group held NaN or Inf (its scale is set to NaN).
 template <typename E, int BITS, bool STOCH>
@@ -257,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::Int
   std::memset(p + kHeaderBytes + 4 * ng, 0, sbytes - 4 * ng);
   std::atomic<int> bad{0};
   if (numel > 0) {
-    dispatch_dtype(x.scalar_type(), [&](auto e) {
+    dispatch_dtype<F32, F16, BF16>(x.scalar_type(), [&](auto e) {
       using E = decltype(e);
       const auto* xp = static_cast<const typename E::storage*>(x.data_ptr());
       if (bits == 16) {
@@ -310,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> decompress_cpu(const at::Tensor& packet, at::
   const int64_t sbytes = scale_bytes(numel, group_size, static_cast<int>(bits));
   std::atomic<int> bad{0};
   if (numel > 0) {
-    dispatch_dtype(dtype, [&](auto e) {
+    dispatch_dtype<F32, F16, BF16>(dtype, [&](auto e) {
       using E = decltype(e);
       auto* yp = static_cast<typename E::storage*>(y.data_ptr());
       if (bits == 16) {

@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "codec.h"
+#include "dispatch.h"
 
 namespace splitlora {
 namespace {
@@ -264,26 +265,6 @@ __global__ void decode_bf16_kernel(const uint8_t* __restrict__ packet, int64_t n
   store8<E>(y, e0, numel, v);
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(F32{}); break;
-    case at::kHalf: f(F16{}); break;
-    case at::kBFloat16: f(BF16{}); break;
-    default: TORCH_CHECK(false, "splitlora codec: unsupported dtype ", dtype, "; expected float32, float16 or bfloat16");
-  }
-}
-
-template <typename F>
-void dispatch_bits(int64_t bits, F&& f) {
-  switch (bits) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "splitlora codec: bits must be 2, 4 or 8 here, got ", bits);
-  }
-}
-
 int log2_exact(int64_t v) {
   int l = 0;
   while ((int64_t{1} << l) < v) ++l;
@@ -324,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> compress_cuda(const at::Tensor& x_in, c10::In
   uint8_t* p = packet.data_ptr<uint8_t>();
   int* f = flag.data_ptr<int>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto e) {
+  dispatch_dtype<F32, F16, BF16>(x.scalar_type(), [&](auto e) {
     using E = decltype(e);
     const auto* xp = static_cast<const typename E::storage*>(x.data_ptr());
     if (b == 16) {
@@ -377,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> decompress_cuda(const at::Tensor& packet, at:
   int* f = flag.data_ptr<int>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t nchunks = (numel + kPerThread - 1) / kPerThread;
-  dispatch_dtype(dtype, [&](auto e) {
+  dispatch_dtype<F32, F16, BF16>(dtype, [&](auto e) {
     using E = decltype(e);
     auto* yp = static_cast<typename E::storage*>(y.data_ptr());
     if (b == 16) {
