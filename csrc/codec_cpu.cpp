@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "codec.h"
-#include "dispatch.h"
+#include "op_common.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -218,11 +218,8 @@ T* ptr_as(const at::Tensor& t, int64_t byte_offset) {
 std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::IntArrayRef header,
                                                 int64_t bits, int64_t group_size, bool stochastic,
                                                 int64_t seed) {
-  const char* err = check_codec_args(bits, group_size);
-  TORCH_CHECK(err == nullptr, "splitlora::compress: ", err);
-  TORCH_CHECK(header.size() == static_cast<size_t>(kHeaderBytes), "splitlora::compress: header must hold ",
-              kHeaderBytes, " byte values, got ", header.size());
-  TORCH_CHECK(!(stochastic && bits == 16), "splitlora::compress: stochastic rounding needs bits 2, 4 or 8");
+  uint8_t header_bytes[kHeaderBytes];
+  check_compress_args(header, bits, group_size, stochastic, header_bytes);
   const at::Tensor x = x_in.contiguous();
   const int64_t numel = x.numel();
   const int64_t ng = bits == 16 ? 0 : num_groups(numel, group_size);
@@ -231,10 +228,7 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::Int
                                 x.options().dtype(at::kByte));
   uint8_t* p = packet.data_ptr<uint8_t>();
   advise_huge_pages(p, packet.numel());
-  for (int64_t i = 0; i < kHeaderBytes; ++i) {
-    TORCH_CHECK(header[i] >= 0 && header[i] <= 255, "splitlora::compress: header values must be bytes");
-    p[i] = static_cast<uint8_t>(header[i]);
-  }
+  std::memcpy(p, header_bytes, kHeaderBytes);
   std::memset(p + kHeaderBytes + 4 * ng, 0, sbytes - 4 * ng);
   std::atomic<int> bad{0};
   if (numel > 0) {
@@ -268,22 +262,7 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::Int
 std::tuple<at::Tensor, at::Tensor> decompress_cpu(const at::Tensor& packet, at::ScalarType dtype,
                                                   c10::IntArrayRef shape, int64_t bits,
                                                   int64_t group_size) {
-  const char* err = check_codec_args(bits, group_size);
-  TORCH_CHECK(err == nullptr, "splitlora::decompress: ", err);
-  TORCH_CHECK(packet.dim() == 1 && packet.scalar_type() == at::kByte && packet.is_contiguous(),
-              "splitlora::decompress: packet must be a contiguous 1-D uint8 tensor");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(packet.data_ptr()) % 16 == 0,
-              "splitlora::decompress: packet data must be 16-byte aligned");
-  TORCH_CHECK(shape.size() <= static_cast<size_t>(kMaxNdim), "splitlora::decompress: at most 8 dims");
-  int64_t numel = 1;
-  for (const int64_t d : shape) {
-    TORCH_CHECK(d >= 0, "splitlora::decompress: negative dim");
-    TORCH_CHECK(d == 0 || numel <= (int64_t{1} << 60) / d, "splitlora::decompress: shape too large");
-    numel *= d;
-  }
-  TORCH_CHECK(packet.numel() == packet_bytes(numel, group_size, static_cast<int>(bits)),
-              "splitlora::decompress: packet holds ", packet.numel(), " bytes, the shape implies ",
-              packet_bytes(numel, group_size, static_cast<int>(bits)));
+  const int64_t numel = checked_decompress_numel(packet, shape, bits, group_size);
   at::Tensor y = at::empty(shape, packet.options().dtype(dtype));
   advise_huge_pages(y.data_ptr(), y.nbytes());
   const uint8_t* p = packet.data_ptr<uint8_t>();

@@ -21,7 +21,7 @@
 #include <type_traits>
 
 #include "codec.h"
-#include "dispatch.h"
+#include "op_common.h"
 
 namespace splitlora {
 namespace {
@@ -280,21 +280,13 @@ unsigned int grid_for(int64_t threads, int block) {
 std::tuple<at::Tensor, at::Tensor> compress_cuda(const at::Tensor& x_in, c10::IntArrayRef header,
                                                  int64_t bits, int64_t group_size, bool stochastic,
                                                  int64_t seed) {
-  const char* err = check_codec_args(bits, group_size);
-  TORCH_CHECK(err == nullptr, "splitlora::compress: ", err);
-  TORCH_CHECK(header.size() == static_cast<size_t>(kHeaderBytes), "splitlora::compress: header must hold ",
-              kHeaderBytes, " byte values, got ", header.size());
-  TORCH_CHECK(!(stochastic && bits == 16), "splitlora::compress: stochastic rounding needs bits 2, 4 or 8");
+  uint8_t header_bytes[kHeaderBytes];
+  check_compress_args(header, bits, group_size, stochastic, header_bytes);
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = x_in.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
     // A view starting mid-allocation; the kernels use 16-byte vector loads. Rare, so a copy.
     x = x.clone();
-  }
-  uint8_t header_bytes[kHeaderBytes];
-  for (int64_t i = 0; i < kHeaderBytes; ++i) {
-    TORCH_CHECK(header[i] >= 0 && header[i] <= 255, "splitlora::compress: header values must be bytes");
-    header_bytes[i] = static_cast<uint8_t>(header[i]);
   }
   HeaderArg h;
   std::memcpy(h.words, header_bytes, kHeaderBytes);  // host and GPU are both little-endian
@@ -334,22 +326,8 @@ std::tuple<at::Tensor, at::Tensor> compress_cuda(const at::Tensor& x_in, c10::In
 
 std::tuple<at::Tensor, at::Tensor> decompress_cuda(const at::Tensor& packet, at::ScalarType dtype,
                                                    c10::IntArrayRef shape, int64_t bits, int64_t group_size) {
-  const char* err = check_codec_args(bits, group_size);
-  TORCH_CHECK(err == nullptr, "splitlora::decompress: ", err);
-  TORCH_CHECK(packet.dim() == 1 && packet.scalar_type() == at::kByte && packet.is_contiguous(),
-              "splitlora::decompress: packet must be a contiguous 1-D uint8 tensor");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(packet.data_ptr()) % 16 == 0,
-              "splitlora::decompress: packet data must be 16-byte aligned");
-  TORCH_CHECK(shape.size() <= static_cast<size_t>(kMaxNdim), "splitlora::decompress: at most 8 dims");
-  int64_t numel = 1;
-  for (const int64_t d : shape) {
-    TORCH_CHECK(d >= 0, "splitlora::decompress: negative dim");
-    TORCH_CHECK(d == 0 || numel <= (int64_t{1} << 60) / d, "splitlora::decompress: shape too large");
-    numel *= d;
-  }
+  const int64_t numel = checked_decompress_numel(packet, shape, bits, group_size);
   const int b = static_cast<int>(bits);
-  TORCH_CHECK(packet.numel() == packet_bytes(numel, group_size, b), "splitlora::decompress: packet holds ",
-              packet.numel(), " bytes, the shape implies ", packet_bytes(numel, group_size, b));
   c10::cuda::CUDAGuard guard(packet.device());
   at::Tensor y = at::empty(shape, packet.options().dtype(dtype));
   at::Tensor flag = at::zeros({1}, packet.options().dtype(at::kInt));
