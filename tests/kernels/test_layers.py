@@ -208,6 +208,8 @@ def test_merge_bfloat16_restores_within_rounding():
     _, layer = make_pair("linear", torch.bfloat16)
     original = layer.weight.detach().clone()
     layer.merge()
+    # The update is far above the tolerance below, so an unmerge that did nothing would fail.
+    assert (layer.weight.float() - original.float()).abs().max() > 0.1
     layer.unmerge()
     # Two bf16 roundings of W + delta: at most ~2 ulps of |W| + |delta|.
     torch.testing.assert_close(layer.weight, original, atol=2e-2, rtol=2e-2)
