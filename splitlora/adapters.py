@@ -1,0 +1,127 @@
+"""Which modules get LoRA, at what rank, per side; adapter state dicts under whole-model names."""
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from splitlora_kernels import apply_fused_lora
+from splitlora_kernels.layers import lora_modules, lora_state_dict, load_lora_state_dict
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+
+
+def add_lora(segment: nn.Module, target_modules: Iterable[str], spec: LoraSpec, *, seed: int = 0) -> nn.Module:
+    """Puts fused LoRA adapters on `segment`'s targeted linear layers and freezes the rest.
+
+    A segment that holds none of the targets (e.g. targets that only exist in the LM head's
+    side) gets none, rather than an error: each side adapts what it has.
+
+    Each adapter's initial A is drawn from a generator seeded by `seed` and the module's
+    whole-model name (B starts at zero, as in PEFT), so a layer starts from the same adapter
+    wherever the cut puts it: runs that split the model differently stay comparable.
+    """
+    targets = [t for t in target_modules if any(_matches(n, t) for n, _ in segment.named_modules())]
+    if targets:
+        apply_fused_lora(segment, targets, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+                         use_rslora=spec.rslora)
+        for name, module in lora_modules(segment).items():
+            init_adapter(module, seed, segment.full_model_name(name))
+    else:
+        for p in segment.parameters():
+            p.requires_grad_(False)
+    return segment
+
+
+@torch.no_grad()
+def init_adapter(module: nn.Module, seed: int, name: str) -> None:
+    """PEFT's default initialisation (A ~ kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(in)),
+    B = 0) from a generator of its own."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    bound = 1.0 / math.sqrt(module.lora_A.shape[1])
+    values = torch.rand(module.lora_A.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+    module.lora_A.copy_(values)
+    module.lora_B.zero_()
+
+
+def _matches(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def check_targets_exist(segments: Iterable[nn.Module], target_modules: Iterable[str], key: str) -> None:
+    """Every target must name a module somewhere in the model (all segments together): a name
+    that matches nothing is a typo. A target that lives only on the other side of the cut (e.g.
+    lm_head when the client keeps the head in the U-shape) is simply not adapted on this side."""
+    segments = list(segments)
+    names = [n for s in segments for n, _ in s.named_modules()]
+    missing = [t for t in target_modules if not any(_matches(n, t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for s in segments for n, m in s.named_modules()
+                         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ValueError(f"{key}: {missing} match no module of the model; its linear modules are named {linear}")
+
+
+def adapter_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """A snapshot (cloned) of the module's LoRA tensors."""
+    return {k: v.clone() for k, v in lora_state_dict(module).items()}
+
+
+def load_adapter_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    load_lora_state_dict(module, state)
+
+
+def trainable_parameters(*modules: nn.Module) -> List[nn.Parameter]:
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def clone_sharing_frozen(module: nn.Module) -> nn.Module:
+    """A deep copy whose frozen parameters (and buffers) are shared with `module`: N clients then
+    cost N copies of their adapters, not N copies of the base weights."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    memo.update({id(b): b for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
+def whole_model_names(segment: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Renames a segment's adapter state to the names of the whole (unsplit) model."""
+    out = {}
+    for key, value in state.items():
+        module_name, _, leaf = key.rpartition(".")
+        out[f"{segment.full_model_name(module_name)}.{leaf}"] = value
+    return out
+
+
+def lora_plan(segment: nn.Module) -> Dict[str, Tuple[int, float, float, bool]]:
+    """{whole-model module name: (r, alpha, dropout, rslora)} of a segment's adapters."""
+    return {
+        segment.full_model_name(name): (m.r, m.lora_alpha, m.lora_dropout, m.use_rslora)
+        for name, m in lora_modules(segment).items()
+    }
+
+
+def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str, tuple]],
+                              state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of the unsplit model with LoRA where the segments had it, loaded with `state`
+    (whole-model names): what export writes in PEFT format and what centralized LoRA trains."""
+    model = copy.deepcopy(base_model)
+    groups: Dict[tuple, List[str]] = {}
+    for plan in plans:
+        for name, (r, alpha, dropout, rslora) in plan.items():
+            groups.setdefault((dropout, rslora), []).append((name, r, alpha))
+    for (dropout, rslora), items in groups.items():
+        apply_fused_lora(model, [n for n, _, _ in items], r={n: r for n, r, _ in items},
+                         alpha={n: a for n, _, a in items}, dropout=dropout, use_rslora=rslora)
+    if state:
+        load_lora_state_dict(model, state)
+    return model

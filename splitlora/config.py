@@ -1,0 +1,601 @@
+"""Run configuration: nested dataclasses, YAML loading, ``key=value`` overrides, validation.
+
+A config file is YAML whose sections mirror the dataclasses below (``model``, ``data``, ``lora``,
+``train``, ``codec``, ``network``, ``eval``); every key is optional and falls back to the default
+shown here, so ``load_config()`` with no file is the demo run (also written out, with comments,
+in ``configs/demo.yaml``). Overrides use dotted keys and YAML values::
+
+    load_config("configs/demo.yaml", ["train.steps=50", "lora.client.target_modules=[c_attn,c_proj]",
+                                      "model.config.n_layer=6", "train.max_grad_norm=null"])
+
+Rules worth knowing:
+
+- Relative paths (``output_dir``, ``data.*_path``, ``data.tokenizer``, ``model.path``) are kept
+  as written and read relative to the current working directory of the process, not to the
+  config file's folder: the shipped configs assume the project root.
+- Model source: exactly one of ``model.name``, ``model.path``, ``model.config``. ``model.config``
+  defaults to the demo model (``DEFAULT_MODEL_CONFIG``, a 4-layer GPT-2 shape) and gives way to a
+  name or path: while it still equals that default, setting ``model.name`` or ``model.path`` unsets
+  it, so ``configs/demo.yaml model.path=my-model`` works without ``model.config=null``. Leaving all
+  three unset (null) also means the demo model. The resolved value is what ``dump_config`` writes.
+- ``model.config["vocab_size"] = None`` means "the tokenizer's vocabulary size".
+- Floats written without a dot (``2e-4``) are floats, as in YAML 1.2 (PyYAML alone would read a
+  string). Integers are accepted for float fields; booleans must be ``true``/``false``.
+- All problems found are reported together in one ``ConfigError``, each line naming the dotted key.
+
+``validate_model_layers(cfg, num_layers)`` checks the cut against the built model, whose number
+of decoder layers this module cannot know.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = [
+    "STRATEGIES", "SPLIT_STRATEGIES", "DEVICES", "TRANSPORTS", "DTYPES", "DATA_SOURCES", "PARTITIONS",
+    "OPTIMIZERS", "CODEC_BITS", "MIN_GROUP_SIZE", "MAX_GROUP_SIZE", "DEFAULT_MODEL_CONFIG",
+    "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "LoraSideConfig", "LoraConfig",
+    "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig",
+    "load_config", "config_from_dict", "config_to_dict", "dump_config", "apply_overrides",
+    "validate", "validate_model_layers",
+]
+
+STRATEGIES = ("splitlora", "sl", "fedlora", "centralized")
+# Strategies that cut the model between a client and a server (the ones u_shape applies to).
+SPLIT_STRATEGIES = ("splitlora", "sl")
+DEVICES = ("cpu", "cuda", "auto")
+TRANSPORTS = ("local", "dist")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("synthetic", "e2e")
+PARTITIONS = ("iid", "dirichlet")
+OPTIMIZERS = ("adamw", "sgd")
+# 32 = no compression (fp32 on the wire); the others are the codec's bit widths.
+CODEC_BITS = (32, 16, 8, 4, 2)
+# Same limits as the codec (splitlora.codec_reference); repeated so this module imports no torch.
+MIN_GROUP_SIZE = 16
+MAX_GROUP_SIZE = 4096
+
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {
+    "model_type": "gpt2",
+    "n_layer": 4,
+    "n_embd": 64,
+    "n_head": 4,
+    "n_positions": 128,
+    "vocab_size": None,  # filled from the tokenizer
+    # GPT-2's own activation (tanh-approximated GELU) as one fused torch op instead of gelu_new's
+    # five elementwise ones: the same function, a faster demo on a CPU.
+    "activation_function": "gelu_pytorch_tanh",
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+
+
+class ConfigError(ValueError):
+    """An invalid config. ``errors`` holds one line per problem, each starting with the dotted key."""
+
+    def __init__(self, errors: str | Sequence[str]):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors) if len(self.errors) == 1
+                         else "invalid config:\n  " + "\n  ".join(self.errors))
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    name: str | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    config: dict | None = field(default_factory=lambda: copy.deepcopy(DEFAULT_MODEL_CONFIG))
+    dtype: str = "float32"
+    cut_layer: int = 2
+    server_end: int | None = None
+
+    def __post_init__(self):
+        # The demo model is the default source and gives way to a name or a path (module docstring).
+        if self.name is None and self.path is None and self.config is None:
+            self.config = copy.deepcopy(DEFAULT_MODEL_CONFIG)
+        elif (self.name is not None or self.path is not None) and self.config == DEFAULT_MODEL_CONFIG:
+            self.config = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    train_path: str | None = None
+    eval_path: str | None = None
+    tokenizer: str | None = None
+    max_length: int = 96
+    num_train: int | None = None
+    num_eval: int | None = 200
+    synthetic_examples: int = 4000
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+
+
+@dataclass
+class LoraSideConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+    rslora: bool = False
+
+
+@dataclass
+class LoraConfig:
+    client: LoraSideConfig = field(default_factory=LoraSideConfig)
+    # The demo's server also adapts the LM head: on a randomly initialised model that is what lets
+    # a few hundred LoRA steps learn the task (pretrained models do not need it).
+    server: LoraSideConfig = field(default_factory=lambda: LoraSideConfig(target_modules=["c_attn", "lm_head"]))
+
+
+@dataclass
+class TrainConfig:
+    clients: int = 4
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    aggregate_every: int = 10
+    u_shape: bool = False
+    eval_every: int = 100
+    checkpoint_every: int = 1
+    log_every: int = 10
+
+
+@dataclass
+class CodecConfig:
+    bits: int = 8
+    group_size: int = 64
+    stochastic: bool = False
+    error_feedback: bool = False
+    compress_gradients: bool = True
+
+
+@dataclass
+class NetworkConfig:
+    client_tflops: float = 1.0
+    server_tflops: float = 35.6
+    bandwidth_mbps: float = 100.0
+    latency_ms: float = 10.0
+    timeout_s: float = 60.0
+
+
+@dataclass
+class EvalConfig:
+    generate: bool = True
+    max_new_tokens: int = 40
+    num_beams: int = 1
+    max_sources: int = 20
+    batch_size: int = 16
+
+
+@dataclass
+class RunConfig:
+    strategy: str = "splitlora"
+    seed: int = 0
+    output_dir: str = "runs/demo"
+    resume: bool = False
+    device: str = "cpu"
+    transport: str = "local"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML: a SafeLoader that reads 1e-3 as a float (YAML 1.2), as users expect
+# --------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+# Mappings in block style, short lists on one line: [c_attn, c_proj].
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# --------------------------------------------------------------------------------------------
+# dict -> dataclasses, with type errors naming the dotted key
+# --------------------------------------------------------------------------------------------
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], key))
+    return keys
+
+
+def _unknown_key_message(cls: type, prefix: str, name: Any) -> str:
+    key = _join(prefix, str(name))
+    valid = [f.name for f in dataclasses.fields(cls)]
+    leaves = _all_keys(RunConfig)
+    # The right key in the wrong section first (lr -> train.lr, train.bits -> codec.bits), then a
+    # misspelling in this section, then a misspelling of a key of another section.
+    suggestions = [k for k in leaves if k.rsplit(".", 1)[-1] == str(name) and k != key]
+    if not suggestions:
+        suggestions = [_join(prefix, c) for c in difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)]
+    if not suggestions:
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in leaves}
+        suggestions = [by_leaf[c] for c in difflib.get_close_matches(str(name), list(by_leaf), n=1, cutoff=0.75)]
+    hint = f"did you mean {' or '.join(suggestions)}?" if suggestions else ""
+    where = f"under {prefix}" if prefix else "at the top level"
+    return f"{key}: unknown key; {hint + ' ' if hint else ''}valid keys {where}: {', '.join(valid)}"
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _expected(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_expected(a) for a in args) + " or null"
+    if hint is bool:
+        return "a boolean (true or false)"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if origin is list or hint is list:
+        return "a list of strings, e.g. [c_attn, c_proj]"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return str(hint)
+
+
+_MISSING = object()
+
+
+def _convert(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        result = _convert(value, inner, key, [])
+        if result is _MISSING:
+            errors.append(f"{key}: expected {_expected(hint)}, got {_describe(value)}")
+        return result
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, errors)
+    ok = True
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if ok:
+            value = list(value)
+    elif hint is dict or origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if ok:
+            value = copy.deepcopy(value)
+    else:  # pragma: no cover - a schema type this function does not know
+        raise TypeError(f"{key}: unsupported schema type {hint!r}")
+    if not ok:
+        errors.append(f"{key}: expected {_expected(hint)}, got {_describe(value)}")
+        return _MISSING
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{prefix or 'config'}: expected a mapping of keys to values, got {_describe(data)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in names:
+            errors.append(_unknown_key_message(cls, prefix, name))
+            continue
+        converted = _convert(value, hints[name], _join(prefix, name), errors)
+        if converted is not _MISSING:
+            kwargs[name] = converted
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of values and cross-field rules
+# --------------------------------------------------------------------------------------------
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check types, ranges, allowed values and cross-field rules; raise ConfigError listing every problem.
+
+    Works on a RunConfig built or changed in code too: its types are checked first, as for a file.
+    """
+    errors: list[str] = []
+    _build(RunConfig, config_to_dict(cfg), "", errors)
+    if errors:
+        raise ConfigError(errors)
+
+    def one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
+        if value not in allowed:
+            errors.append(f"{key}: {_describe(value)} is not allowed; choose one of "
+                          f"{', '.join(str(a) for a in allowed)}")
+
+    def at_least(key: str, value: Any, low: float, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            errors.append(f"{key}: must be >= {low}{' (or null)' if optional else ''}, got {_describe(value)}")
+
+    def positive(key: str, value: Any, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            errors.append(f"{key}: must be > 0{' (or null)' if optional else ''}, got {_describe(value)}")
+
+    def non_empty(key: str, value: Any, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value.strip():
+            errors.append(f"{key}: must be a non-empty string{' (or null)' if optional else ''}, "
+                          f"got {_describe(value)}")
+
+    one_of("strategy", cfg.strategy, STRATEGIES)
+    at_least("seed", cfg.seed, 0)
+    non_empty("output_dir", cfg.output_dir)
+    one_of("device", cfg.device, DEVICES)
+    one_of("transport", cfg.transport, TRANSPORTS)
+
+    m = cfg.model
+    for key in ("name", "path", "gguf_file"):
+        non_empty(f"model.{key}", getattr(m, key), optional=True)
+    sources = [k for k in ("name", "path", "config") if getattr(m, k) is not None]
+    if len(sources) > 1:
+        errors.append(f"model: set exactly one of model.name, model.path, model.config; got "
+                      f"{' and '.join('model.' + s for s in sources)} (set the others to null)")
+    if m.config is not None and not (isinstance(m.config.get("model_type"), str) and m.config["model_type"]):
+        errors.append("model.config.model_type: required when the model is built from model.config "
+                      "(a transformers model type such as gpt2 or llama)")
+    if m.gguf_file is not None and m.path is None:
+        errors.append("model.gguf_file: needs model.path (the folder holding the GGUF file)")
+    one_of("model.dtype", m.dtype, DTYPES)
+    at_least("model.cut_layer", m.cut_layer, 1)
+    if m.server_end is not None:
+        if not cfg.train.u_shape:
+            errors.append("model.server_end: only used with train.u_shape: true; set it to null "
+                          "or set train.u_shape: true")
+        elif isinstance(m.cut_layer, int) and m.server_end <= m.cut_layer:
+            errors.append(f"model.server_end: must be > model.cut_layer ({m.cut_layer}) so the server "
+                          f"holds at least one layer, got {m.server_end}")
+
+    d = cfg.data
+    one_of("data.source", d.source, DATA_SOURCES)
+    non_empty("data.train_path", d.train_path, optional=True)
+    non_empty("data.eval_path", d.eval_path, optional=True)
+    non_empty("data.tokenizer", d.tokenizer, optional=True)
+    if d.source == "e2e" and d.train_path is None:
+        errors.append("data.train_path: required when data.source is e2e (a file of "
+                      "'meaning representation||text' lines)")
+    at_least("data.max_length", d.max_length, 8)
+    at_least("data.num_train", d.num_train, 1, optional=True)
+    at_least("data.num_eval", d.num_eval, 1, optional=True)
+    at_least("data.synthetic_examples", d.synthetic_examples, 1)
+    one_of("data.partition", d.partition, PARTITIONS)
+    positive("data.dirichlet_alpha", d.dirichlet_alpha)
+
+    for side in ("client", "server"):
+        s: LoraSideConfig = getattr(cfg.lora, side)
+        p = f"lora.{side}"
+        at_least(f"{p}.r", s.r, 1)
+        positive(f"{p}.alpha", s.alpha)
+        if not (math.isfinite(s.dropout) and 0.0 <= s.dropout < 1.0):
+            errors.append(f"{p}.dropout: must be in [0, 1), got {s.dropout!r}")
+        if not s.target_modules or not all(t.strip() for t in s.target_modules):
+            errors.append(f"{p}.target_modules: must be a non-empty list of module names, "
+                          f"e.g. [c_attn], got {s.target_modules!r}")
+
+    t = cfg.train
+    for key in ("clients", "steps", "batch_size", "aggregate_every", "log_every"):
+        at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+        at_least(f"train.{key}", getattr(t, key), 0)
+    positive("train.lr", t.lr)
+    at_least("train.weight_decay", t.weight_decay, 0)
+    positive("train.max_grad_norm", t.max_grad_norm, optional=True)
+    one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.u_shape and cfg.strategy not in SPLIT_STRATEGIES:
+        errors.append(f"train.u_shape: only for the split strategies ({', '.join(SPLIT_STRATEGIES)}); "
+                      f"strategy is {cfg.strategy!r}")
+
+    c = cfg.codec
+    one_of("codec.bits", c.bits, CODEC_BITS)
+    if not (_is_power_of_two(c.group_size) and MIN_GROUP_SIZE <= c.group_size <= MAX_GROUP_SIZE):
+        errors.append(f"codec.group_size: must be a power of two from {MIN_GROUP_SIZE} to {MAX_GROUP_SIZE} "
+                      f"(16, 32, 64, ...), got {c.group_size}")
+
+    n = cfg.network
+    for key in ("client_tflops", "server_tflops", "bandwidth_mbps", "timeout_s"):
+        positive(f"network.{key}", getattr(n, key))
+    at_least("network.latency_ms", n.latency_ms, 0)
+
+    e = cfg.eval
+    for key in ("max_new_tokens", "num_beams", "max_sources", "batch_size"):
+        at_least(f"eval.{key}", getattr(e, key), 1)
+
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def validate_model_layers(cfg: RunConfig, num_layers: int) -> int:
+    """Check the cut against a model with `num_layers` decoder layers.
+
+    Returns the end (exclusive) of the server's layer range: ``num_layers``, or with
+    ``train.u_shape`` ``model.server_end`` (default ``num_layers - 1``), the client keeping the rest.
+    """
+    cut = cfg.model.cut_layer
+    if num_layers < 2:
+        raise ConfigError(f"model.cut_layer: the model has {num_layers} decoder layer(s); a split "
+                          "needs at least 2")
+    if not 1 <= cut <= num_layers - 1:
+        raise ConfigError(f"model.cut_layer: must be in [1, {num_layers - 1}] for a model with "
+                          f"{num_layers} decoder layers, got {cut}")
+    if not cfg.train.u_shape:
+        return num_layers
+    end = cfg.model.server_end
+    if end is None:
+        end = num_layers - 1
+        if cut >= end:
+            raise ConfigError(f"model.cut_layer: with train.u_shape the client also keeps the last "
+                              f"layer, so cut_layer must be in [1, {num_layers - 2}] for a model with "
+                              f"{num_layers} decoder layers, got {cut}")
+    elif not cut < end <= num_layers - 1:
+        raise ConfigError(f"model.server_end: must be in [{cut + 1}, {num_layers - 1}] (above "
+                          f"model.cut_layer, below the last of {num_layers} decoder layers), got {end}")
+    return end
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides, loading and dumping
+# --------------------------------------------------------------------------------------------
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``dotted.key=yaml_value`` overrides to a raw config mapping (a modified deep copy)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=50")
+        try:
+            value = _yaml_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse the value {text!r} as YAML ({exc})") from None
+        parts = key.split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"override {item!r}: empty part in the key {key!r}")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: depth + 1])
+            child = node.get(part)
+            if child is None:
+                # Keys under model.config extend the model config in effect: the demo one by default.
+                if here == "model.config" and not (node.get("name") or node.get("path")):
+                    child = copy.deepcopy(DEFAULT_MODEL_CONFIG)
+                else:
+                    child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{key}: cannot set it, {here} is {_describe(child)}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(d: dict | None) -> RunConfig:
+    """Build and validate a RunConfig from a (possibly partial) nested mapping."""
+    errors: list[str] = []
+    cfg = _build(RunConfig, d, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    return validate(cfg)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The config as plain nested dicts and lists (a deep copy), in schema order."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (None: the defaults, i.e. the demo), apply overrides, validate."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            data = _yaml_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
+                              f"got {_describe(data)}")
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML; ``load_config(path)`` gives back an equal RunConfig."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     width=100)
+    path.write_text("# resolved splitlora config; relative paths are relative to the working directory\n"
+                    + text)
+    return path

@@ -1,0 +1,20 @@
+"""Training strategies behind one interface (`Strategy`): the same setup, data and seed for each."""
+from .base import Side, StepResult, Strategy, TrainSetup, causal_lm_loss
+from .centralized import Centralized
+from .fedlora import FedLoRA
+from .splitfed import SplitLoRA, VanillaSL
+
+STRATEGY_CLASSES = {cls.name: cls for cls in (SplitLoRA, VanillaSL, FedLoRA, Centralized)}
+
+
+def make_strategy(setup: TrainSetup) -> Strategy:
+    name = setup.cfg.strategy
+    try:
+        cls = STRATEGY_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"strategy {name!r} is not available; choose one of {sorted(STRATEGY_CLASSES)}") from None
+    return cls(setup)
+
+
+__all__ = ["STRATEGY_CLASSES", "make_strategy", "Strategy", "TrainSetup", "StepResult", "Side", "causal_lm_loss",
+           "SplitLoRA", "VanillaSL", "FedLoRA", "Centralized"]

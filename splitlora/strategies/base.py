@@ -1,0 +1,205 @@
+"""What every strategy shares: the training setup, losses, optimizers, timing and state."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..aggregate import fedavg
+from ..timemodel import TimeModel, forward_flops, train_flops
+from ..transport import SERVER, Transport, client_name
+from ..wire import CodecSettings, TensorStream, pack_tensors, unpack_tensors
+
+
+@dataclass
+class TrainSetup:
+    """Everything a strategy needs, built once from the config by the runner, identically for
+    every strategy (same model, adapters' initial values, data, partition and seed)."""
+
+    cfg: object                      # splitlora.config.RunConfig
+    device: torch.device
+    base_model: nn.Module            # the whole model without adapters (for export and centralized)
+    client: nn.Module                # ClientSegment with the initial client adapters
+    server: nn.Module                # ServerSegment with the initial server adapters
+    tail: Optional[nn.Module]        # ClientTail (U-shape) with client adapters, else None
+    loaders: List[object]            # one splitlora.data.ClientLoader per client
+    client_weights: List[float]      # samples per client (FedAvg weights)
+    seq_len: int
+    num_layers: int
+    hidden_size: int
+    transport: Transport
+    time_model: TimeModel
+
+
+@dataclass
+class StepResult:
+    loss: float
+    client_compute_s: float = 0.0    # measured, summed over clients
+    server_compute_s: float = 0.0    # measured
+    sim_time_s: float = 0.0          # the time model's wall time of the step
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the label tokens (labels -100 are ignored), as
+    transformers' causal LMs compute it."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def make_optimizer(params: Sequence[nn.Parameter], train_cfg) -> torch.optim.Optimizer:
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters on one side of the cut: check lora target_modules")
+    if train_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {train_cfg.optimizer!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(0, int(train_cfg.warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+
+class Side:
+    """One party's trainable modules with their optimizer, scheduler and clipping."""
+
+    def __init__(self, modules: Sequence[nn.Module], train_cfg) -> None:
+        self.modules = [m for m in modules if m is not None]
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, train_cfg)
+        self.scheduler = make_scheduler(self.optimizer, train_cfg)
+        self.max_grad_norm = train_cfg.max_grad_norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class Timer:
+    """Wall time of a block; synchronizes CUDA so GPU work is inside the block it belongs to."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.elapsed = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.elapsed += time.perf_counter() - self._start
+        return False
+
+
+class Strategy:
+    """One training method. Subclasses implement `train_step`, `logits_fn` and the adapter views;
+    `end_round` (aggregation) is optional."""
+
+    name = "?"
+    # Whether the clients' adapters are averaged at the end of every round.
+    aggregates = False
+
+    def __init__(self, setup: TrainSetup) -> None:
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.device = setup.device
+        self.transport = setup.transport
+        self.time_model = setup.time_model
+        self.num_clients = len(setup.loaders)
+        codec_cfg = self.cfg.codec
+        self.codec_settings = CodecSettings(codec_cfg.bits, codec_cfg.group_size, codec_cfg.stochastic)
+        grad_bits = codec_cfg.bits if codec_cfg.compress_gradients else 32
+        self.grad_settings = CodecSettings(grad_bits, codec_cfg.group_size, codec_cfg.stochastic)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _stream(self, settings: CodecSettings, index: int) -> TensorStream:
+        # Distinct, reproducible stochastic-rounding seeds per stream.
+        return TensorStream(settings, error_feedback=self.cfg.codec.error_feedback,
+                            seed=self.cfg.seed * 1_000_003 + index)
+
+    def _batch(self, client: int) -> Dict[str, torch.Tensor]:
+        batch = self.setup.loaders[client].next_batch()
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _fwd_flops(self, module: nn.Module, batch_size: int, num_layers: int) -> float:
+        return forward_flops(module, batch_size, self.setup.seq_len, num_layers, self.setup.hidden_size)
+
+    def _send_adapters(self, src: str, dst: str, step: int, state: Dict[str, torch.Tensor]) -> int:
+        packet = pack_tensors(state)
+        self.transport.send(src, dst, "adapters", step, packet)
+        return packet.numel()
+
+    def _recv_adapters(self, dst: str, src: str, step: int) -> Dict[str, torch.Tensor]:
+        return unpack_tensors(self.transport.recv(dst, src, "adapters", step), self.device)
+
+    def _fedavg_round(self, step: int, states: List[Dict[str, torch.Tensor]]) -> tuple:
+        """Clients upload their adapters, the server averages them (weighted by samples) and sends
+        the average back. Returns (averaged state as received by each client, simulated seconds)."""
+        up = [self._send_adapters(client_name(c), SERVER, step, states[c]) for c in range(self.num_clients)]
+        received = [self._recv_adapters(SERVER, client_name(c), step) for c in range(self.num_clients)]
+        average = fedavg(received, self.setup.client_weights)
+        down = [self._send_adapters(SERVER, client_name(c), step, average) for c in range(self.num_clients)]
+        back = [self._recv_adapters(client_name(c), SERVER, step) for c in range(self.num_clients)]
+        tm = self.time_model
+        sim = max(tm.transfer(b) for b in up) + max(tm.transfer(b) for b in down)
+        return back, sim
+
+    # -- interface -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> StepResult:
+        raise NotImplementedError
+
+    def end_round(self, step: int) -> float:
+        """Called after the last step of every round; returns the simulated seconds it took."""
+        return 0.0
+
+    def logits_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The global model as logits_fn(input_ids, attention_mask), for evaluation."""
+        raise NotImplementedError
+
+    def export_state(self) -> tuple:
+        """(plans, state): the LoRA layout and the global adapters under whole-model names."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        raise NotImplementedError
+
+
+def is_nan(x: float) -> bool:
+    return isinstance(x, float) and math.isnan(x)

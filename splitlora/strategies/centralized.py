@@ -1,0 +1,67 @@
+"""Centralized LoRA: one party holds all the data and the whole (unsplit) transformers model.
+
+Each step trains on the union of what the clients would see at that step (one batch from each
+client's shard, concatenated), so it sees the same samples in the same order as the split
+strategies. The adapters sit on the same modules, with the same initial values, as the split
+segments' (copied by whole-model name), which is what makes "1-client SplitLoRA without
+compression equals centralized LoRA" a meaningful test.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..adapters import adapter_state, lora_plan, whole_model_names, whole_model_with_adapters
+from ..timemodel import train_flops
+from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
+
+
+class Centralized(Strategy):
+    name = "centralized"
+
+    def __init__(self, setup) -> None:
+        super().__init__(setup)
+        segments = [s for s in (setup.client, setup.tail, setup.server) if s is not None]
+        self.plans = [lora_plan(s) for s in segments]
+        initial = {}
+        for s in segments:
+            initial.update(whole_model_names(s, adapter_state(s)))
+        self.model = whole_model_with_adapters(setup.base_model, self.plans, initial).to(self.device)
+        self.model.config.use_cache = False
+        self.side = Side([self.model], self.cfg.train)
+        s = setup
+        batch = self.cfg.train.batch_size
+        self._fwd_per_client = (self._fwd_flops(s.client, batch, self.cfg.model.cut_layer)
+                                + self._fwd_flops(s.server, batch, s.num_layers - self.cfg.model.cut_layer))
+
+    def _logits(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def train_step(self, step: int) -> StepResult:
+        timer = Timer(self.device)
+        with timer:
+            self.side.zero_grad()
+            batches = [self._batch(c) for c in range(self.num_clients)]
+            batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+            loss = causal_lm_loss(self._logits(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            loss.backward()
+            self.side.step()
+        sim = self.time_model.server_compute(train_flops(self._fwd_per_client * self.num_clients))
+        return StepResult(loss=float(loss.detach()), server_compute_s=timer.elapsed, sim_time_s=sim)
+
+    def logits_fn(self):
+        return self._logits
+
+    def export_state(self):
+        return self.plans, adapter_state(self.model)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def state_dict(self) -> dict:
+        return {"model": adapter_state(self.model), "side": self.side.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..adapters import load_adapter_state
+
+        load_adapter_state(self.model, state["model"])
+        self.side.load_state_dict(state["side"])

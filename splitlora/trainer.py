@@ -1,0 +1,416 @@
+"""A training run from a config: build everything, train, evaluate, checkpoint, export.
+
+    config -> data -> split model + adapters -> strategy steps (transport, codec) -> rounds
+    (aggregation, checkpoint) -> final evaluation -> run folder
+
+The run folder (`output_dir`) holds `config.yaml` (the resolved config), `metrics.jsonl` (one
+line per step, round and evaluation), `summary.json`, `checkpoints/`, the exported PEFT adapter
+(`adapter/`) and `loss.png`. A run with `resume: true` continues from the last checkpoint and
+ends exactly where an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import config as config_mod
+from .adapters import LoraSpec, add_lora, check_targets_exist, whole_model_with_adapters
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .timemodel import TimeModel, count_params, peak_memory_bytes
+from .transport import make_transport
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+@dataclass
+class Built:
+    """What `build` makes from a config (shared by train, eval and export)."""
+
+    cfg: object
+    device: torch.device
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    train_data: object
+    eval_data: object
+    setup: object  # strategies.TrainSetup
+
+
+def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
+    m = cfg.model
+    if m.config is not None:
+        model_config = dict(m.config)
+        if model_config.get("vocab_size") is None:
+            model_config["vocab_size"] = vocab_size
+        # Special tokens must exist in the vocabulary (GPT2Config defaults to 50256).
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if model_config.get(key) is None or model_config[key] >= model_config["vocab_size"]:
+                model_config[key] = tokenizer.eos_id if key != "pad_token_id" else tokenizer.pad_id
+        return {"config": model_config}
+    if m.name is not None:
+        return {"name": m.name}
+    return {"path": m.path, "gguf_file": m.gguf_file}
+
+
+def build(cfg, *, log: Callable[[str], None] = print) -> Built:
+    """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
+    strategy given the same config and seed."""
+    from .data import ClientLoader, load_dataset, load_tokenizer, partition, tokenize
+    from .models import load_causal_lm
+    from .split import split_model, split_model_u_shape
+    from .strategies import TrainSetup
+
+    device = resolve_device(cfg.device)
+    d = cfg.data
+    num_train = d.num_train if d.num_train is not None or d.source != "synthetic" else d.synthetic_examples
+    train_examples, eval_examples = load_dataset(d.source, train_path=d.train_path, eval_path=d.eval_path,
+                                                 num_train=num_train, num_eval=d.num_eval, seed=cfg.seed)
+
+    tokenizer_path = d.tokenizer
+    if tokenizer_path is None and cfg.model.path is not None:
+        tokenizer_path = cfg.model.path
+    tokenizer = None
+    if tokenizer_path is not None or cfg.model.name is None:
+        tokenizer = load_tokenizer(tokenizer_path, examples=train_examples + eval_examples)
+
+    source = _model_source(cfg, tokenizer.vocab_size if tokenizer is not None else 0, tokenizer)
+    model, model_tokenizer = load_causal_lm(**source, dtype=_DTYPES[cfg.model.dtype], seed=cfg.seed)
+    if tokenizer is None:
+        if model_tokenizer is None:
+            raise ValueError(f"model {cfg.model.name!r} comes without a tokenizer; set data.tokenizer")
+        tokenizer = load_tokenizer(model_tokenizer) if not hasattr(model_tokenizer, "eos_id") else model_tokenizer
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}; use the model's tokenizer (data.tokenizer) or a larger vocab_size")
+    model.config.use_cache = False
+    model.to(device)
+    num_layers = model.config.num_hidden_layers
+    server_end = config_mod.validate_model_layers(cfg, num_layers)
+
+    train_data = tokenize(train_examples, tokenizer, d.max_length)
+    eval_data = tokenize(eval_examples, tokenizer, d.max_length)
+    if train_data.num_truncated:
+        log(f"note: {train_data.num_truncated} training examples were longer than data.max_length={d.max_length} "
+            "and were truncated")
+
+    n = cfg.train.clients
+    shards = partition([e.group for e in train_examples], n, d.partition, d.dirichlet_alpha, cfg.seed)
+    loaders = [ClientLoader(train_data, shard, cfg.train.batch_size, seed=cfg.seed, client_id=c)
+               for c, shard in enumerate(shards)]
+
+    if cfg.train.u_shape:
+        client, server, tail = split_model_u_shape(model, cfg.model.cut_layer, server_end)
+    else:
+        (client, server), tail = split_model(model, cfg.model.cut_layer), None
+    lc, ls = cfg.lora.client, cfg.lora.server
+    segments = [s for s in (client, server, tail) if s is not None]
+    check_targets_exist(segments, lc.target_modules, "lora.client.target_modules")
+    check_targets_exist(segments, ls.target_modules, "lora.server.target_modules")
+    # Adapters' initial values are seeded per module: the same for every strategy and cut.
+    client_spec = LoraSpec(lc.r, lc.alpha, lc.dropout, lc.rslora)
+    add_lora(client, lc.target_modules, client_spec, seed=cfg.seed)
+    if tail is not None:
+        add_lora(tail, lc.target_modules, client_spec, seed=cfg.seed)
+    add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
+    for seg in (client, server, tail):
+        if seg is not None:
+            seg.to(device)
+    torch.manual_seed(cfg.seed + 2)  # the training stream (dropout) starts from here
+
+    net = cfg.network
+    setup = TrainSetup(
+        cfg=cfg, device=device, base_model=model, client=client, server=server, tail=tail, loaders=loaders,
+        client_weights=[float(len(s)) for s in shards], seq_len=train_data.seq_len, num_layers=num_layers,
+        hidden_size=model.config.hidden_size,
+        transport=make_transport(cfg.transport, timeout_s=net.timeout_s),
+        time_model=TimeModel(net.client_tflops, net.server_tflops, net.bandwidth_mbps, net.latency_ms),
+    )
+    return Built(cfg, device, tokenizer, train_examples, eval_examples, train_data, eval_data, setup)
+
+
+class MetricsLog:
+    """metrics.jsonl: appends one JSON object per line; on resume drops what came after the checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> List[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def evaluate(strategy, built: Built, *, generate: bool, progress: bool = True) -> dict:
+    from .evaluate import evaluate_generation, evaluate_loss
+
+    cfg = built.cfg
+    strategy.train(False)
+    try:
+        fn = strategy.logits_fn()
+        with torch.no_grad():
+            out = evaluate_loss(fn, built.eval_data, batch_size=cfg.eval.batch_size)
+            result = {"eval_loss": out["loss"], "eval_ppl": out["perplexity"]}
+            if generate:
+                gen = evaluate_generation(fn, built.eval_examples, built.tokenizer,
+                                          max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
+                                          max_sources=cfg.eval.max_sources)
+                result.update({"bleu": gen["bleu"], "rouge_l": gen["rouge_l"], "samples": gen["samples"][:3]})
+    finally:
+        strategy.train(True)
+    return result
+
+
+def _state(strategy, built: Built, step: int, totals: dict) -> dict:
+    s = built.setup
+    return {
+        "step": step,
+        "strategy": strategy.state_dict(),
+        "loaders": [l.state_dict() for l in s.loaders],
+        "rng": rng_state(),
+        "ledger": s.transport.ledger.state_dict(),
+        "totals": dict(totals),
+    }
+
+
+def _restore(strategy, built: Built, state: dict) -> dict:
+    s = built.setup
+    strategy.load_state_dict(state["strategy"])
+    for loader, ls in zip(s.loaders, state["loaders"]):
+        loader.load_state_dict(ls)
+    set_rng_state(state["rng"])
+    s.transport.ledger.load_state_dict(state["ledger"])
+    return dict(state["totals"])
+
+
+def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Runs `cfg` to the end (or resumes it) and returns the summary (also in summary.json)."""
+    from tqdm.auto import tqdm
+
+    from .strategies import make_strategy
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.dump_config(cfg, out / "config.yaml")
+    built = build(cfg, log=log)
+    setup = built.setup
+    strategy = make_strategy(setup)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    ckpt_dir = out / "checkpoints"
+    t = cfg.train
+    totals = {"sim_time_s": 0.0, "wall_time_s": 0.0, "client_compute_s": 0.0, "server_compute_s": 0.0}
+    start = 0
+    if cfg.resume:
+        found = latest_checkpoint(ckpt_dir)
+        if found is not None:
+            step, state = load_checkpoint(found)
+            totals = _restore(strategy, built, state)
+            start = step
+            metrics.truncate_after(step - 1)
+            log(f"resuming {cfg.strategy} from {found} (step {start} of {t.steps})")
+        else:
+            log(f"resume: no checkpoint in {ckpt_dir}; starting from step 0")
+    if start == 0:
+        metrics.path.unlink(missing_ok=True)
+    if cfg.device != "cpu" and built.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(built.device)
+
+    transport = setup.transport
+    bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.strategy}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    round_wall = 0.0
+    round_sim = 0.0
+    last_eval: Optional[dict] = None
+    try:
+        for step in range(start, t.steps):
+            round_index = step // t.aggregate_every
+            transport.set_round(round_index)
+            wall0 = time.perf_counter()
+            before = transport.ledger.total()
+            result = strategy.train_step(step)
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(f"the training loss became {result.loss} at step {step}; lower train.lr "
+                                         "or enable train.max_grad_norm")
+            end_of_round = (step + 1) % t.aggregate_every == 0 or step + 1 == t.steps
+            sim = result.sim_time_s
+            if end_of_round and strategy.aggregates:
+                sim += strategy.end_round(step)
+            wall = time.perf_counter() - wall0
+            totals["sim_time_s"] += sim
+            totals["wall_time_s"] += wall
+            totals["client_compute_s"] += result.client_compute_s
+            totals["server_compute_s"] += result.server_compute_s
+            round_wall += wall
+            round_sim += sim
+            metrics.write({"type": "step", "step": step, "round": round_index, "loss": result.loss,
+                           "sim_time_s": totals["sim_time_s"], "wall_time_s": totals["wall_time_s"],
+                           "client_compute_s": result.client_compute_s, "server_compute_s": result.server_compute_s,
+                           "bytes": transport.ledger.total() - before, "bytes_total": transport.ledger.total()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}", sent=_fmt_bytes(transport.ledger.total()))
+            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
+                last_eval = evaluate(strategy, built, generate=False)
+                metrics.write({"type": "eval", "step": step, "sim_time_s": totals["sim_time_s"], **last_eval})
+            if end_of_round:
+                ledger = transport.ledger
+                metrics.write({
+                    "type": "round", "step": step, "round": round_index, "sim_round_s": round_sim,
+                    "wall_round_s": round_wall,
+                    "bytes": {f"client{c}": {d: {k: ledger.round_total(round_index, client=f"client{c}", direction=d,
+                                                                      kind=k)
+                                                 for k in ("activations", "gradients", "labels", "adapters")}
+                                             for d in ("up", "down")}
+                              for c in range(len(setup.loaders))},
+                })
+                round_wall = round_sim = 0.0
+                rounds_done = round_index + 1
+                if t.checkpoint_every and (rounds_done % t.checkpoint_every == 0) and step + 1 < t.steps:
+                    save_checkpoint(ckpt_dir, step + 1, _state(strategy, built, step + 1, totals))
+    finally:
+        bar.close()
+
+    save_checkpoint(ckpt_dir, t.steps, _state(strategy, built, t.steps, totals))
+    final = evaluate(strategy, built, generate=cfg.eval.generate)
+    metrics.write({"type": "eval", "step": t.steps - 1, "sim_time_s": totals["sim_time_s"], **final})
+    adapter_dir = export_adapter(strategy, built, out / "adapter")
+    _plot(metrics.read(), out / "loss.png", title=f"{cfg.strategy} ({_codec_name(cfg)})")
+
+    ledger = transport.ledger
+    steps_losses = [r["loss"] for r in metrics.read() if r.get("type") == "step"]
+    summary = {
+        "strategy": cfg.strategy,
+        "codec": _codec_name(cfg),
+        "steps": t.steps,
+        "clients": t.clients,
+        "final_train_loss": sum(steps_losses[-t.log_every:]) / max(1, len(steps_losses[-t.log_every:])),
+        **{k: v for k, v in final.items() if k != "samples"},
+        "samples": final.get("samples", []),
+        "bytes": ledger.summary(),
+        "bytes_by_kind": {k: ledger.total(kind=k) for k in ("activations", "gradients", "labels", "adapters")},
+        "bytes_total": ledger.total(),
+        **totals,
+        "trainable_params": {
+            "client": count_params(setup.client, trainable_only=True) + (
+                count_params(setup.tail, trainable_only=True) if setup.tail is not None else 0),
+            "server": count_params(setup.server, trainable_only=True),
+        },
+        "peak_memory_bytes": peak_memory_bytes(built.device),
+        "adapter": str(adapter_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def export_adapter(strategy, built: Built, path: Path) -> Path:
+    """The merged client+server adapters, on the whole model's module names, in PEFT format."""
+    from splitlora_kernels import save_peft_adapter
+
+    from splitlora_kernels.layers import lora_modules
+
+    plans, state = strategy.export_state()
+    model = whole_model_with_adapters(built.setup.base_model, plans, state)
+    # A PEFT adapter_config holds one lora_dropout; dropout only matters for further training,
+    # so sides with different rates export the larger one.
+    modules = lora_modules(model).values()
+    dropout = max(m.lora_dropout for m in modules)
+    for m in modules:
+        m.lora_dropout = dropout
+    cfg = built.cfg
+    base = cfg.model.path or cfg.model.name or "config:" + json.dumps(cfg.model.config, sort_keys=True)
+    save_peft_adapter(model, path, base_model_name_or_path=base)
+    return path
+
+
+def load_run(run_dir: str | Path, *, log: Callable[[str], None] = print):
+    """(built, strategy) of a finished or stopped run, restored from its last checkpoint."""
+    from .strategies import make_strategy
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a training run")
+    cfg = config_mod.load_config(run_dir / "config.yaml")
+    cfg.output_dir = str(run_dir)
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise ValueError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    built = build(cfg, log=log)
+    strategy = make_strategy(built.setup)
+    step, state = load_checkpoint(found)
+    _restore(strategy, built, state)
+    return built, strategy, step
+
+
+def _codec_name(cfg) -> str:
+    bits = cfg.codec.bits
+    if cfg.strategy in ("fedlora", "centralized"):
+        return "no cut"
+    name = "fp32" if bits == 32 else ("bf16" if bits == 16 else f"int{bits}")
+    if cfg.codec.error_feedback and bits < 16:
+        name += "+ef"
+    return name
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n}"
+
+
+def _plot(records: List[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if r.get("type") == "step"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train")
+    axes[1].plot([r["sim_time_s"] for r in steps], [r["loss"] for r in steps], label="train")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+        axes[1].plot([r["sim_time_s"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("simulated time (s)")
+    for ax in axes:
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

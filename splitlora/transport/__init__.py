@@ -1,0 +1,20 @@
+"""Moving packets between the server and the clients.
+
+A transport moves 1-D uint8 packets between named parties ("server", "client0", ...) and
+counts every byte it moves in a `CommLedger`; it knows nothing of models. The in-process
+`LocalTransport` is the default; a torch.distributed transport plugs in behind the same
+interface.
+"""
+from .base import SERVER, CommLedger, Transport, TransportError, client_name
+from .local import LocalTransport
+
+__all__ = ["SERVER", "CommLedger", "Transport", "TransportError", "client_name", "LocalTransport", "make_transport"]
+
+
+def make_transport(kind: str, *, timeout_s: float = 60.0) -> Transport:
+    if kind == "local":
+        return LocalTransport(timeout_s=timeout_s)
+    raise ValueError(
+        f"transport {kind!r} is not available in this version; use transport=local "
+        "(the torch.distributed transport is not built yet)"
+    )

@@ -1,0 +1,96 @@
+"""What the trainer puts on the wire: tensors and state dicts as uint8 packets.
+
+Activations and their gradients go through the codec (`splitlora.codec`) when compression is on.
+Everything else that crosses between parties (labels and attention masks in the plain variant,
+uncompressed fp32 activations, adapter weights) is serialized with safetensors: a
+self-describing byte string that the receiver parses without knowing shapes in advance, and whose
+length is exactly what the communication accounting counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from . import codec
+
+# Codec bit widths; 32 means "no compression": raw float32 tensors.
+UNCOMPRESSED_BITS = 32
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A dict of tensors as one uint8 packet (safetensors bytes) on the CPU."""
+    payload = _st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+def unpack_tensors(packet: torch.Tensor, device: torch.device | str = "cpu") -> Dict[str, torch.Tensor]:
+    """Inverse of `pack_tensors`; a packet that does not parse raises ValueError."""
+    if not isinstance(packet, torch.Tensor) or packet.dtype != torch.uint8 or packet.dim() != 1:
+        raise ValueError("a tensor packet must be a 1-D uint8 tensor (what pack_tensors returns)")
+    try:
+        tensors = _st_load(packet.cpu().numpy().tobytes())
+    except Exception as err:  # safetensors raises its own error types for bad bytes
+        raise ValueError(f"corrupt tensor packet ({len(packet)} bytes): {err}") from None
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """How one stream of activations or gradients is encoded."""
+
+    bits: int = 8
+    group_size: int = 64
+    stochastic: bool = False
+
+    @property
+    def compressed(self) -> bool:
+        return self.bits != UNCOMPRESSED_BITS
+
+
+class TensorStream:
+    """Encoder for one direction of one client's cut (e.g. client 2's activations going up).
+
+    Keeps that stream's error-feedback residual and the generator for stochastic rounding, so
+    both survive in checkpoints (`state_dict`) and a resumed run encodes exactly as an
+    uninterrupted one would.
+    """
+
+    def __init__(self, settings: CodecSettings, *, error_feedback: bool = False, seed: int = 0) -> None:
+        self.settings = settings
+        self.feedback = codec.ErrorFeedback() if (error_feedback and settings.compressed) else None
+        self.generator = torch.Generator().manual_seed(seed) if settings.stochastic else None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if not s.compressed:
+            return pack_tensors({"x": x.to(torch.float32)})
+        if self.feedback is not None:
+            return self.feedback.compress(x, bits=s.bits, group_size=s.group_size,
+                                          stochastic=s.stochastic, generator=self.generator)
+        return codec.compress(x, bits=s.bits, group_size=s.group_size, stochastic=s.stochastic,
+                              generator=self.generator)
+
+    def decode(self, packet: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if not self.settings.compressed:
+            out = unpack_tensors(packet, packet.device)["x"]
+        else:
+            out = codec.decompress(packet)
+        return out if dtype is None else out.to(dtype)
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.feedback is not None and self.feedback.residual is not None:
+            state["residual"] = self.feedback.residual.detach().cpu().clone()
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.feedback is not None:
+            self.feedback.load_state_dict({"residual": state.get("residual")})
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])

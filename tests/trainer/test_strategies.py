@@ -1,0 +1,211 @@
+"""The trainer's strategies: equivalences, aggregation, accounting, resume, U-shape, export."""
+import json
+
+import pytest
+import torch
+
+from splitlora.adapters import adapter_state, whole_model_names
+from splitlora.strategies import make_strategy
+from splitlora.trainer import build, evaluate, export_adapter, train
+from splitlora.wire import unpack_tensors
+from trainer_testutil import tiny_config
+
+
+def _run_steps(cfg, steps):
+    built = build(cfg, log=lambda *_: None)
+    strategy = make_strategy(built.setup)
+    losses = []
+    for step in range(steps):
+        built.setup.transport.set_round(step // cfg.train.aggregate_every)
+        losses.append(strategy.train_step(step).loss)
+        if strategy.aggregates and (step + 1) % cfg.train.aggregate_every == 0:
+            strategy.end_round(step)
+    return built, strategy, losses
+
+
+def _whole_model_adapters(strategy):
+    return strategy.export_state()[1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_one_client_uncompressed_splitlora_equals_centralized(tmp_path, optimizer):
+    # 1 client, no compression, no aggregation inside the window, no clipping: SplitLoRA's
+    # client+server adapters must follow centralized LoRA on the whole (unsplit) model.
+    common = ["train.clients=1", "codec.bits=32", "train.aggregate_every=100", "train.max_grad_norm=null",
+              f"train.optimizer={optimizer}", "train.lr=0.01",
+              "lora.server.target_modules=[c_attn,c_proj]"]
+    _, sfl, sfl_losses = _run_steps(tiny_config(tmp_path, "strategy=splitlora", *common), 5)
+    _, cen, cen_losses = _run_steps(tiny_config(tmp_path, "strategy=centralized", *common), 5)
+    a, b = _whole_model_adapters(sfl), _whole_model_adapters(cen)
+    assert set(a) == set(b) and len(a) > 0
+    # The adapters moved away from their initial values (B starts at zero) ...
+    assert max(float(v.abs().max()) for k, v in a.items() if k.endswith("lora_B")) > 1e-4
+    # ... and the two runs agree to float32 round-off.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert sfl_losses == pytest.approx(cen_losses, rel=1e-5)
+
+
+def test_fedavg_round_makes_clients_equal_and_is_weighted_mean(tmp_path):
+    cfg = tiny_config(tmp_path, "train.clients=3", "train.aggregate_every=2")
+    built = build(cfg, log=lambda *_: None)
+    strategy = make_strategy(built.setup)
+    for step in range(2):
+        strategy.train_step(step)
+    before = [adapter_state(p) for p in strategy.parts]
+    assert not torch.equal(before[0][next(iter(before[0]))], before[1][next(iter(before[1]))])
+    strategy.end_round(1)
+    after = [adapter_state(p) for p in strategy.parts]
+    w = torch.tensor(built.setup.client_weights, dtype=torch.float64)
+    for key in before[0]:
+        expected = sum(float(wi) * b[key].double() for wi, b in zip(w / w.sum(), before))
+        for a in after:
+            torch.testing.assert_close(a[key].double(), expected, rtol=1e-6, atol=1e-7)
+    ledger = built.setup.transport.ledger
+    assert ledger.total(kind="adapters", direction="up") == ledger.total(kind="adapters", direction="down") > 0
+
+
+def test_accounting_matches_codec_packet_sizes(tmp_path):
+    from splitlora.codec import packed_size
+
+    cfg = tiny_config(tmp_path, "codec.bits=4", "codec.group_size=32", "train.aggregate_every=100")
+    built, strategy, _ = _run_steps(cfg, 2)
+    s = built.setup
+    hidden = 32
+    expected_per_message = packed_size((cfg.train.batch_size, s.seq_len, hidden), bits=4, group_size=32)
+    ledger = s.transport.ledger
+    n_messages = cfg.train.clients * 2  # clients x steps
+    assert ledger.total(kind="activations") == n_messages * expected_per_message
+    assert ledger.total(kind="gradients") == n_messages * expected_per_message
+    # int4 is far smaller than the fp32 exchange of the same tensors.
+    fp32 = n_messages * cfg.train.batch_size * s.seq_len * hidden * 4
+    assert ledger.total(kind="activations") < fp32 / 6
+
+
+def test_server_batches_all_clients_in_one_pass(tmp_path):
+    cfg = tiny_config(tmp_path, "train.clients=3")
+    built = build(cfg, log=lambda *_: None)
+    strategy = make_strategy(built.setup)
+    calls = []
+    handle = strategy.server.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    strategy.train_step(0)
+    handle.remove()
+    assert calls == [3 * cfg.train.batch_size]
+
+
+def test_u_shape_keeps_labels_on_the_client(tmp_path):
+    cfg = tiny_config(tmp_path, "train.u_shape=true", "model.cut_layer=1", "model.server_end=2")
+    built = build(cfg, log=lambda *_: None)
+    strategy = make_strategy(built.setup)
+    sent = []
+    transport = built.setup.transport
+    original = transport._send
+
+    def spy(src, dst, kind, step, packet):
+        sent.append((src, dst, kind, packet))
+        original(src, dst, kind, step, packet)
+
+    transport._send = spy
+    losses = [strategy.train_step(step).loss for step in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    metas = [unpack_tensors(p) for src, dst, kind, p in sent if kind == "labels"]
+    assert metas and all(set(m) == {"attention_mask"} for m in metas)
+    # Activations go both ways (up at the first cut, down at the second), gradients too.
+    kinds = {(src == "server", kind) for src, dst, kind, _ in sent}
+    assert {(False, "activations"), (True, "activations"), (False, "gradients"), (True, "gradients")} <= kinds
+    # The client tail (LM head side) has adapters and they train.
+    tail_state = adapter_state(strategy.parts[0]["tail"])
+    assert tail_state and any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in tail_state.items())
+
+
+def test_u_shape_one_client_matches_plain_split(tmp_path):
+    # Where the head sits does not change the maths: 1 client, no compression.
+    common = ["train.clients=1", "codec.bits=32", "train.max_grad_norm=null", "train.aggregate_every=100",
+              "lora.client.target_modules=[c_attn]", "lora.server.target_modules=[c_attn]"]
+    _, plain, plain_losses = _run_steps(tiny_config(tmp_path, *common), 3)
+    _, u, u_losses = _run_steps(tiny_config(tmp_path, "train.u_shape=true", "model.server_end=2", *common), 3)
+    assert plain_losses[0] == pytest.approx(u_losses[0], rel=1e-5)
+    a, b = _whole_model_adapters(plain), _whole_model_adapters(u)
+    assert set(a) == set(b)
+    # The server/tail boundary moves layer 2's adapters from server to client: different learning-rate
+    # schedules do not apply here (same optimizer settings), so values must agree.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("strategy", ["splitlora", "sl", "fedlora", "centralized"])
+def test_every_strategy_learns(tmp_path, strategy):
+    # LoRA on the LM head lets a random tiny model learn in a few steps.
+    cfg = tiny_config(tmp_path, f"strategy={strategy}", "train.lr=0.03", "train.steps=24",
+                      "train.aggregate_every=4", "lora.client.r=4", "lora.server.r=4",
+                      "lora.server.target_modules=[c_attn,lm_head]")
+    built, strat, losses = _run_steps(cfg, 24)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+    result = evaluate(strat, built, generate=False)
+    assert result["eval_loss"] == pytest.approx(torch.log(torch.tensor(result["eval_ppl"])).item(), rel=1e-6)
+
+
+def test_sl_hands_adapters_from_client_to_client(tmp_path):
+    cfg = tiny_config(tmp_path, "strategy=sl", "train.clients=3")
+    built, _, _ = _run_steps(cfg, 2)
+    ledger = built.setup.transport.ledger
+    # every client hands off once per step (up to the server, down to the next client)
+    assert ledger.total(kind="adapters", direction="up") > 0
+    for c in range(3):
+        assert ledger.total(client=f"client{c}", kind="adapters", direction="up") > 0
+        assert ledger.total(client=f"client{c}", kind="activations") > 0
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    extra = ["codec.bits=4", "codec.error_feedback=true", "codec.stochastic=true", "lora.client.dropout=0.1",
+             "train.steps=6", "train.aggregate_every=2"]
+    full = train(tiny_config(tmp_path, *extra, name="full"), progress=False, log=lambda *_: None)
+
+    # Same run, stopped after 4 steps (2 rounds, checkpointed), then resumed to 6.
+    stopped_cfg = tiny_config(tmp_path, *extra, "train.steps=4", name="resumed")
+    train(stopped_cfg, progress=False, log=lambda *_: None)
+    # The stopped run ended at step 4 and wrote its final checkpoint there; resume to step 6.
+    resumed = train(tiny_config(tmp_path, *extra, "resume=true", name="resumed"), progress=False,
+                    log=lambda *_: None)
+    assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
+    assert resumed["bytes_total"] == full["bytes_total"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["type"] == "step"]
+    assert steps == list(range(6))
+
+
+def test_run_folder_and_peft_export(tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = tiny_config(tmp_path, "eval.generate=true", "lora.server.target_modules=[c_attn,c_proj]")
+    summary = train(cfg, progress=False, log=lambda *_: None)
+    out = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    assert summary["bytes_total"] == sum(summary["bytes_by_kind"].values())
+    assert 0 <= summary["bleu"] <= 100
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in records} == {"step", "round", "eval"}
+    sim = [r["sim_time_s"] for r in records if r["type"] == "step"]
+    assert all(b > a for a, b in zip(sim, sim[1:]))
+
+    # The exported adapter on the whole model gives the strategy's own logits.
+    from splitlora.trainer import load_run
+
+    built, strategy, step = load_run(out, log=lambda *_: None)
+    assert step == cfg.train.steps
+    base = built.setup.base_model
+    model = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    batch = built.eval_data.batch(list(range(4)))
+    strategy.train(False)
+    with torch.no_grad():
+        expected = strategy.logits_fn()(batch["input_ids"], batch["attention_mask"])
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
