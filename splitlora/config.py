@@ -167,6 +167,7 @@ class CodecConfig:
     stochastic: bool = False
     error_feedback: bool = False
     compress_gradients: bool = True
+    overlap: bool = True
 
 
 @dataclass

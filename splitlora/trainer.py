@@ -73,7 +73,7 @@ def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
 def build(cfg, *, log: Callable[[str], None] = print) -> Built:
     """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
     strategy given the same config and seed."""
-    from .data import ClientLoader, load_dataset, load_tokenizer, partition, tokenize
+    from .data import ClientLoader, HFTokenizer, load_dataset, load_tokenizer, partition, tokenize
     from .models import load_causal_lm
     from .split import split_model, split_model_u_shape
     from .strategies import TrainSetup
@@ -84,19 +84,18 @@ def build(cfg, *, log: Callable[[str], None] = print) -> Built:
     train_examples, eval_examples = load_dataset(d.source, train_path=d.train_path, eval_path=d.eval_path,
                                                  num_train=num_train, num_eval=d.num_eval, seed=cfg.seed)
 
-    tokenizer_path = d.tokenizer
-    if tokenizer_path is None and cfg.model.path is not None:
-        tokenizer_path = cfg.model.path
+    # A model built from a config takes the data's tokenizer (or a word tokenizer built from the
+    # data); a named or saved model brings its own unless data.tokenizer names another.
     tokenizer = None
-    if tokenizer_path is not None or cfg.model.name is None:
-        tokenizer = load_tokenizer(tokenizer_path, examples=train_examples + eval_examples)
-
+    if d.tokenizer is not None or cfg.model.config is not None:
+        tokenizer = load_tokenizer(d.tokenizer, examples=train_examples + eval_examples)
     source = _model_source(cfg, tokenizer.vocab_size if tokenizer is not None else 0, tokenizer)
     model, model_tokenizer = load_causal_lm(**source, dtype=_DTYPES[cfg.model.dtype], seed=cfg.seed)
     if tokenizer is None:
         if model_tokenizer is None:
-            raise ValueError(f"model {cfg.model.name!r} comes without a tokenizer; set data.tokenizer")
-        tokenizer = load_tokenizer(model_tokenizer) if not hasattr(model_tokenizer, "eos_id") else model_tokenizer
+            where = cfg.model.name or cfg.model.path
+            raise ValueError(f"model {where!r} comes without a tokenizer; set data.tokenizer to a tokenizer folder or file")
+        tokenizer = HFTokenizer(model_tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}; use the model's tokenizer (data.tokenizer) or a larger vocab_size")
@@ -107,9 +106,6 @@ def build(cfg, *, log: Callable[[str], None] = print) -> Built:
 
     train_data = tokenize(train_examples, tokenizer, d.max_length)
     eval_data = tokenize(eval_examples, tokenizer, d.max_length)
-    if train_data.num_truncated:
-        log(f"note: {train_data.num_truncated} training examples were longer than data.max_length={d.max_length} "
-            "and were truncated")
 
     n = cfg.train.clients
     shards = partition([e.group for e in train_examples], n, d.partition, d.dirichlet_alpha, cfg.seed)

@@ -94,3 +94,55 @@ class TensorStream:
             self.feedback.load_state_dict({"residual": state.get("residual")})
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
+
+
+class _Done:
+    """A finished result with the interface of a Future."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._value = value
+
+    def result(self) -> torch.Tensor:
+        return self._value
+
+
+class EncodeWorker:
+    """Encodes packets in the background, so compressing one client's tensor overlaps the
+    compute that follows it (the next client's forward, or this client's backward).
+
+    One worker thread keeps encodes in submission order. On CUDA the work also runs on its own
+    stream, ordered after the producer's stream by an event, so the GPU can run the compression
+    kernels beside the next forward; a packet's future resolves only once its bytes are final
+    (compress() reads the non-finite flag back to the host, which waits for its stream).
+    Each TensorStream is only ever encoded by this one thread, so error-feedback residuals and
+    stochastic-rounding generators advance exactly as they would inline: results are identical.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.device = device
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitlora-encode") if enabled else None
+        self._cuda_stream = torch.cuda.Stream(device) if (enabled and device.type == "cuda") else None
+
+    def submit(self, stream: TensorStream, x: torch.Tensor):
+        if self._pool is None:
+            return _Done(stream.encode(x))
+        if self._cuda_stream is None:
+            return self._pool.submit(stream.encode, x)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        side = self._cuda_stream
+
+        def job():
+            with torch.cuda.stream(side):
+                side.wait_event(ready)
+                # x was made on another stream: keep its memory from being reused before we are done.
+                x.record_stream(side)
+                return stream.encode(x)
+
+        return self._pool.submit(job)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

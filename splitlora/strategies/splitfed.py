@@ -23,7 +23,7 @@ from ..adapters import (adapter_state, clone_sharing_frozen, load_adapter_state,
 from ..aggregate import fedavg
 from ..timemodel import train_flops
 from ..transport import SERVER, client_name
-from ..wire import pack_tensors, unpack_tensors
+from ..wire import EncodeWorker, pack_tensors, unpack_tensors
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
 
 
@@ -53,6 +53,7 @@ class _SplitBase(Strategy):
         self.act_down = [self._stream(self.codec_settings, 4 * c + 2) for c in range(n)]
         self.grad_up = [self._stream(self.grad_settings, 4 * c + 3) for c in range(n)]
         self._server_dtype = next(self.server.parameters()).dtype
+        self.encoder = EncodeWorker(self.device, enabled=bool(self.cfg.codec.overlap))
         self._flops_cache: Dict[tuple, float] = {}
 
     # -- flops ------------------------------------------------------------------------------------
@@ -82,22 +83,27 @@ class _SplitBase(Strategy):
         down_bytes = {c: 0 for c in group}
         hidden, batches, first_upload = {}, {}, {}
 
+        pending = {}
         for c in group:
-            name = client_name(c)
             with client_timers[c]:
                 self.client_sides[c].zero_grad()
                 batch = self._batch(c)
                 h = self.parts[c]["head"](batch["input_ids"], batch["attention_mask"])
-                packet = self.act_up[c].encode(h.detach())
+                # Compression runs in the background while the next client computes.
+                future = self.encoder.submit(self.act_up[c], h.detach())
                 meta = {"attention_mask": batch["attention_mask"]}
                 if not self.u_shape:
                     meta["labels"] = batch["labels"]
-                meta_packet = pack_tensors(meta)
+                pending[c] = future, pack_tensors(meta)
+            hidden[c], batches[c] = h, batch
+        for c in group:
+            name = client_name(c)
+            future, meta_packet = pending[c]
+            packet = future.result()
             transport.send(name, SERVER, "activations", step, packet)
             transport.send(name, SERVER, "labels", step, meta_packet)
             up_bytes[c] += packet.numel() + meta_packet.numel()
             first_upload[c] = up_bytes[c]
-            hidden[c], batches[c] = h, batch
 
         with server_timer:
             self.server_side.zero_grad()
@@ -145,13 +151,15 @@ class _SplitBase(Strategy):
         grad_bytes = {}
         with server_timer:
             self.server_side.step()
-            for c, g in zip(group, (h_all.grad * n_group).split(sizes)):
-                packet = self.grad_down[c].encode(g)
-                transport.send(SERVER, client_name(c), "gradients", step, packet)
-                grad_bytes[c] = packet.numel()
-                down_bytes[c] += packet.numel()
+            grads = {c: self.encoder.submit(self.grad_down[c], g)
+                     for c, g in zip(group, (h_all.grad * n_group).split(sizes))}
 
         for c in group:
+            # Client c's backward overlaps the encoding of the next client's gradient.
+            packet = grads[c].result()
+            transport.send(SERVER, client_name(c), "gradients", step, packet)
+            grad_bytes[c] = packet.numel()
+            down_bytes[c] += packet.numel()
             with client_timers[c]:
                 g = self.grad_down[c].decode(transport.recv(client_name(c), SERVER, "gradients", step), hidden[c].dtype)
                 hidden[c].backward(g)

@@ -209,3 +209,15 @@ def test_run_folder_and_peft_export(tmp_path):
         expected = strategy.logits_fn()(batch["input_ids"], batch["attention_mask"])
         got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_background_encoding_changes_nothing(tmp_path):
+    # Overlapping compression with compute must not change a bit: same packets, same adapters.
+    extra = ["codec.bits=4", "codec.error_feedback=true", "codec.stochastic=true", "train.clients=3"]
+    _, on, on_losses = _run_steps(tiny_config(tmp_path, *extra, "codec.overlap=true"), 4)
+    _, off, off_losses = _run_steps(tiny_config(tmp_path, *extra, "codec.overlap=false"), 4)
+    assert on_losses == off_losses
+    a, b = _whole_model_adapters(on), _whole_model_adapters(off)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert on.transport.ledger.summary() == off.transport.ledger.summary()
