@@ -221,3 +221,12 @@ def test_background_encoding_changes_nothing(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert on.transport.ledger.summary() == off.transport.ledger.summary()
+
+
+def test_dirichlet_partition_weights_fedavg_by_samples(tmp_path):
+    cfg = tiny_config(tmp_path, "data.partition=dirichlet", "data.dirichlet_alpha=0.1", "train.clients=3",
+                      "data.synthetic_examples=90")
+    built = build(cfg, log=lambda *_: None)
+    weights = built.setup.client_weights
+    assert sum(weights) == len(built.train_data) and len(set(weights)) > 1  # skewed shards
+    assert [len(l) for l in built.setup.loaders] == [int(w) for w in weights]
