@@ -151,6 +151,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, progress=not args.no_progress)
+    if not summary:  # a client process under transport=dist: the server reports the run
+        return 0
     print()
     print(_summary_table([(f"{cfg.strategy}", summary)]))
     print(f"\nrun folder: {cfg.output_dir} (config.yaml, metrics.jsonl, summary.json, loss.png, adapter/)")
@@ -226,6 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # ConfigError included: a message the user can act on, no traceback
         print(f"splitlora {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from splitlora.transport import TransportError
+
+        if not isinstance(err, TransportError):
+            raise
+        print(f"splitlora {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
     return {"path": m.path, "gguf_file": m.gguf_file}
 
 
-def build(cfg, *, log: Callable[[str], None] = print) -> Built:
+def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None) -> Built:
     """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
     strategy given the same config and seed."""
     from .data import ClientLoader, HFTokenizer, load_dataset, load_tokenizer, partition, tokenize
@@ -136,8 +136,9 @@ def build(cfg, *, log: Callable[[str], None] = print) -> Built:
         cfg=cfg, device=device, base_model=model, client=client, server=server, tail=tail, loaders=loaders,
         client_weights=[float(len(s)) for s in shards], seq_len=train_data.seq_len, num_layers=num_layers,
         hidden_size=model.config.hidden_size,
-        transport=make_transport(cfg.transport, timeout_s=net.timeout_s),
+        transport=make_transport(cfg.transport if role is not None else "local", timeout_s=net.timeout_s),
         time_model=TimeModel(net.client_tflops, net.server_tflops, net.bandwidth_mbps, net.latency_ms),
+        role=role,
     )
     return Built(cfg, device, tokenizer, train_examples, eval_examples, train_data, eval_data, setup)
 
@@ -195,6 +196,7 @@ def _state(strategy, built: Built, step: int, totals: dict) -> dict:
         "loaders": [l.state_dict() for l in s.loaders],
         "rng": rng_state(),
         "ledger": s.transport.ledger.state_dict(),
+        **({"received": s.transport.received.state_dict()} if hasattr(s.transport, "received") else {}),
         "totals": dict(totals),
     }
 
@@ -206,55 +208,114 @@ def _restore(strategy, built: Built, state: dict) -> dict:
         loader.load_state_dict(ls)
     set_rng_state(state["rng"])
     s.transport.ledger.load_state_dict(state["ledger"])
+    if "received" in state and hasattr(s.transport, "received"):
+        s.transport.received.load_state_dict(state["received"])
     return dict(state["totals"])
 
 
+def _ledger(transport):
+    # Under transport=dist the server's view (what it sent plus what it received) is the whole run.
+    return transport.combined_ledger() if hasattr(transport, "combined_ledger") else transport.ledger
+
+
+def _start_distributed(cfg, log):
+    """(role, this rank's checkpoint folder suffix) under transport=dist; (None, None) otherwise."""
+    if cfg.transport != "dist":
+        return None
+    from .transport.dist import init_distributed, rank_party
+
+    if cfg.strategy != "splitlora" or cfg.train.u_shape:
+        raise ValueError(f"transport=dist runs strategy=splitlora without train.u_shape; got strategy={cfg.strategy!r}, "
+                         f"u_shape={cfg.train.u_shape} (use transport=local for the others)")
+    rank = init_distributed(world_size_expected=cfg.train.clients + 1, timeout_s=cfg.network.timeout_s,
+                            device=resolve_device(cfg.device))
+    return rank_party(rank)
+
+
+def _agree_on_resume_step(step: int) -> int:
+    """Every rank resumes from the newest checkpoint that all ranks have."""
+    import torch.distributed as dist
+
+    value = torch.tensor([step], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
 def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Runs `cfg` to the end (or resumes it) and returns the summary (also in summary.json)."""
+    """Runs `cfg` to the end (or resumes it) and returns the summary (also in summary.json).
+
+    With transport=dist this process plays one party (rank 0 the server, rank c+1 client c):
+    the server writes the run folder; each client keeps its checkpoints under
+    `output_dir/clients/<name>/`. A client process returns an empty summary."""
+    role = _start_distributed(cfg, log)
+    try:
+        return _train(cfg, role, progress=progress, log=log)
+    finally:
+        if role is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     from tqdm.auto import tqdm
 
     from .strategies import make_strategy
+    from .strategies.base import PartyRNG
+    from .transport import SERVER, TransportError
 
+    is_server = role in (None, SERVER)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump_config(cfg, out / "config.yaml")
-    built = build(cfg, log=log)
+    ckpt_dir = out / "checkpoints" if is_server else out / "clients" / role / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if is_server:
+        config_mod.dump_config(cfg, out / "config.yaml")
+    built = build(cfg, log=log, role=role)
     setup = built.setup
     strategy = make_strategy(setup)
+    if role is not None:
+        # This process's global generator is its party's stream (see PartyRNG).
+        torch.set_rng_state(PartyRNG.initial_state(cfg.seed, role))
     metrics = MetricsLog(out / "metrics.jsonl")
-    ckpt_dir = out / "checkpoints"
     t = cfg.train
     totals = {"sim_time_s": 0.0, "wall_time_s": 0.0, "client_compute_s": 0.0, "server_compute_s": 0.0}
     start = 0
     if cfg.resume:
         found = latest_checkpoint(ckpt_dir)
+        found_step = load_checkpoint(found)[0] if found is not None else 0
+        if role is not None:
+            common = _agree_on_resume_step(found_step)
+            found = ckpt_dir / f"step_{common:08d}" if common else None
+            if found is not None and not (found / "state.json").is_file():
+                raise ValueError(f"{role}: the checkpoint of step {common}, which every rank has, is missing in {ckpt_dir}")
         if found is not None:
             step, state = load_checkpoint(found)
             totals = _restore(strategy, built, state)
             start = step
-            metrics.truncate_after(step - 1)
+            if is_server:
+                metrics.truncate_after(step - 1)
             log(f"resuming {cfg.strategy} from {found} (step {start} of {t.steps})")
         else:
             log(f"resume: no checkpoint in {ckpt_dir}; starting from step 0")
-    if start == 0:
+    if start == 0 and is_server:
         metrics.path.unlink(missing_ok=True)
-    if cfg.device != "cpu" and built.device.type == "cuda":
+    if built.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(built.device)
 
     transport = setup.transport
-    bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.strategy}", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.strategy}" + (f" ({role})" if role else ""), unit="step",
+               disable=not (progress and is_server), dynamic_ncols=True)
     round_wall = 0.0
     round_sim = 0.0
-    last_eval: Optional[dict] = None
     try:
         for step in range(start, t.steps):
             round_index = step // t.aggregate_every
             transport.set_round(round_index)
             wall0 = time.perf_counter()
-            before = transport.ledger.total()
+            before = _ledger(transport).total() if is_server else 0
             result = strategy.train_step(step)
-            if not math.isfinite(result.loss):
+            if is_server and not math.isfinite(result.loss):
                 raise FloatingPointError(f"the training loss became {result.loss} at step {step}; lower train.lr "
                                          "or enable train.max_grad_norm")
             end_of_round = (step + 1) % t.aggregate_every == 0 or step + 1 == t.steps
@@ -268,44 +329,55 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
             totals["server_compute_s"] += result.server_compute_s
             round_wall += wall
             round_sim += sim
-            metrics.write({"type": "step", "step": step, "round": round_index, "loss": result.loss,
-                           "sim_time_s": totals["sim_time_s"], "wall_time_s": totals["wall_time_s"],
-                           "client_compute_s": result.client_compute_s, "server_compute_s": result.server_compute_s,
-                           "bytes": transport.ledger.total() - before, "bytes_total": transport.ledger.total()})
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", sent=_fmt_bytes(transport.ledger.total()))
-            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-                last_eval = evaluate(strategy, built, generate=False)
-                metrics.write({"type": "eval", "step": step, "sim_time_s": totals["sim_time_s"], **last_eval})
+            if is_server:
+                ledger = _ledger(transport)
+                metrics.write({"type": "step", "step": step, "round": round_index, "loss": result.loss,
+                               "sim_time_s": totals["sim_time_s"], "wall_time_s": totals["wall_time_s"],
+                               "client_compute_s": result.client_compute_s,
+                               "server_compute_s": result.server_compute_s,
+                               "bytes": ledger.total() - before, "bytes_total": ledger.total()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.3f}", sent=_fmt_bytes(ledger.total()))
+                if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
+                    last_eval = evaluate(strategy, built, generate=False)
+                    metrics.write({"type": "eval", "step": step, "sim_time_s": totals["sim_time_s"], **last_eval})
             if end_of_round:
-                ledger = transport.ledger
-                metrics.write({
-                    "type": "round", "step": step, "round": round_index, "sim_round_s": round_sim,
-                    "wall_round_s": round_wall,
-                    "bytes": {f"client{c}": {d: {k: ledger.round_total(round_index, client=f"client{c}", direction=d,
-                                                                      kind=k)
-                                                 for k in ("activations", "gradients", "labels", "adapters")}
-                                             for d in ("up", "down")}
-                              for c in range(len(setup.loaders))},
-                })
+                if is_server:
+                    ledger = _ledger(transport)
+                    metrics.write({
+                        "type": "round", "step": step, "round": round_index, "sim_round_s": round_sim,
+                        "wall_round_s": round_wall,
+                        "bytes": {f"client{c}": {d: {k: ledger.round_total(round_index, client=f"client{c}",
+                                                                          direction=d, kind=k)
+                                                     for k in ("activations", "gradients", "labels", "adapters")}
+                                                 for d in ("up", "down")}
+                                  for c in range(len(setup.loaders))},
+                    })
                 round_wall = round_sim = 0.0
                 rounds_done = round_index + 1
                 if t.checkpoint_every and (rounds_done % t.checkpoint_every == 0) and step + 1 < t.steps:
                     save_checkpoint(ckpt_dir, step + 1, _state(strategy, built, step + 1, totals))
+    except TransportError as err:
+        # The last completed round's checkpoint is on disk on every rank; say where to resume.
+        raise TransportError(f"{role or 'run'} stopped at step {step}: {err}. The last completed round is "
+                             f"checkpointed in {ckpt_dir}; rerun with resume=true to finish") from None
     finally:
         bar.close()
 
     save_checkpoint(ckpt_dir, t.steps, _state(strategy, built, t.steps, totals))
+    if not is_server:
+        return {}
     final = evaluate(strategy, built, generate=cfg.eval.generate)
     metrics.write({"type": "eval", "step": t.steps - 1, "sim_time_s": totals["sim_time_s"], **final})
     adapter_dir = export_adapter(strategy, built, out / "adapter")
     _plot(metrics.read(), out / "loss.png", title=f"{cfg.strategy} ({_codec_name(cfg)})")
 
-    ledger = transport.ledger
+    ledger = _ledger(transport)
     steps_losses = [r["loss"] for r in metrics.read() if r.get("type") == "step"]
     summary = {
         "strategy": cfg.strategy,
         "codec": _codec_name(cfg),
+        "transport": cfg.transport,
         "steps": t.steps,
         "clients": t.clients,
         "final_train_loss": sum(steps_losses[-t.log_every:]) / max(1, len(steps_losses[-t.log_every:])),

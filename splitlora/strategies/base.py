@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -34,6 +35,9 @@ class TrainSetup:
     hidden_size: int
     transport: Transport
     time_model: TimeModel
+    # The party this process plays under transport=dist ("server" or "client<N>"); None runs
+    # every party in this process.
+    role: Optional[str] = None
 
 
 @dataclass
@@ -102,6 +106,44 @@ class Side:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+class PartyRNG:
+    """Each party's own stream of torch's global CPU random numbers (LoRA dropout draws from it).
+
+    With every party in one process, `with rng(party):` swaps that party's state in and out, so
+    the numbers a party draws do not depend on who else runs in the process: an in-process run
+    draws exactly what the same parties draw in their own processes under transport=dist (where
+    each process's global generator simply is its party's, and this is a no-op).
+    """
+
+    def __init__(self, seed: int, parties, *, in_process: bool) -> None:
+        self.in_process = in_process
+        self.states = {p: self.initial_state(seed, p) for p in parties}
+
+    @staticmethod
+    def initial_state(seed: int, party: str) -> torch.Tensor:
+        index = 0 if party == SERVER else int(party[len("client"):]) + 1
+        return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * index + 17).get_state()
+
+    @contextmanager
+    def __call__(self, party: str):
+        if not self.in_process:
+            yield
+            return
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states[party])
+        try:
+            yield
+        finally:
+            self.states[party] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def state_dict(self) -> dict:
+        return {p: s.clone() for p, s in self.states.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states.update({p: s.clone() for p, s in state.items()})
+
+
 class Timer:
     """Wall time of a block; synchronizes CUDA so GPU work is inside the block it belongs to."""
 
@@ -137,6 +179,9 @@ class Strategy:
         self.transport = setup.transport
         self.time_model = setup.time_model
         self.num_clients = len(setup.loaders)
+        self.role = setup.role
+        self.rng = PartyRNG(self.cfg.seed, [SERVER] + [client_name(c) for c in range(self.num_clients)],
+                            in_process=setup.role is None)
         codec_cfg = self.cfg.codec
         self.codec_settings = CodecSettings(codec_cfg.bits, codec_cfg.group_size, codec_cfg.stochastic)
         grad_bits = codec_cfg.bits if codec_cfg.compress_gradients else 32

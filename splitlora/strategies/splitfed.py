@@ -22,7 +22,7 @@ from ..adapters import (adapter_state, clone_sharing_frozen, load_adapter_state,
                         whole_model_names)
 from ..aggregate import fedavg
 from ..timemodel import train_flops
-from ..transport import SERVER, client_name
+from ..transport import SERVER, TransportError, client_name
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
 
@@ -72,118 +72,165 @@ class _SplitBase(Strategy):
             self._flops_cache[key] = f
         return self._flops_cache[key]
 
-    # -- one exchange across the cut for a group of clients ------------------------------------------
-    def _exchange(self, step: int, group: Sequence[int]) -> StepResult:
-        tm = self.time_model
-        transport = self.transport
-        n_group = len(group)
-        client_timers = {c: Timer(self.device) for c in group}
-        server_timer = Timer(self.device)
-        up_bytes = {c: 0 for c in group}
-        down_bytes = {c: 0 for c in group}
-        hidden, batches, first_upload = {}, {}, {}
+    # -- the phases of one exchange, each run by the party that owns it ------------------------------
+    def _begin_step(self, group: Sequence[int]) -> None:
+        self._client_timers = {c: Timer(self.device) for c in group}
+        self._server_timer = Timer(self.device)
+        self._hidden, self._batches, self._up_bytes = {}, {}, {}
 
-        pending = {}
-        for c in group:
-            with client_timers[c]:
-                self.client_sides[c].zero_grad()
-                batch = self._batch(c)
-                h = self.parts[c]["head"](batch["input_ids"], batch["attention_mask"])
-                # Compression runs in the background while the next client computes.
-                future = self.encoder.submit(self.act_up[c], h.detach())
-                meta = {"attention_mask": batch["attention_mask"]}
-                if not self.u_shape:
-                    meta["labels"] = batch["labels"]
-                pending[c] = future, pack_tensors(meta)
-            hidden[c], batches[c] = h, batch
-        for c in group:
-            name = client_name(c)
-            future, meta_packet = pending[c]
-            packet = future.result()
-            transport.send(name, SERVER, "activations", step, packet)
-            transport.send(name, SERVER, "labels", step, meta_packet)
-            up_bytes[c] += packet.numel() + meta_packet.numel()
-            first_upload[c] = up_bytes[c]
+    def _client_forward(self, c: int, step: int):
+        """Client c runs to the cut; the encoding of its activations starts in the background."""
+        with self.rng(client_name(c)), self._client_timers[c]:
+            self.client_sides[c].zero_grad()
+            batch = self._batch(c)
+            h = self.parts[c]["head"](batch["input_ids"], batch["attention_mask"])
+            future = self.encoder.submit(self.act_up[c], h.detach())
+            meta = {"attention_mask": batch["attention_mask"]}
+            if not self.u_shape:
+                meta["labels"] = batch["labels"]
+            meta_packet = pack_tensors(meta)
+        self._hidden[c], self._batches[c] = h, batch
+        return future, meta_packet
 
-        with server_timer:
-            self.server_side.zero_grad()
-            received, metas = [], []
+    def _send_up(self, c: int, step: int, future, meta_packet) -> None:
+        name = client_name(c)
+        packet = future.result()
+        self.transport.send(name, SERVER, "activations", step, packet)
+        self.transport.send(name, SERVER, "labels", step, meta_packet)
+
+    def _decode_from(self, c: int, step: int, what: str, decode):
+        # A packet that does not decode is the sender's fault: say who sent it, never train on it.
+        try:
+            return decode()
+        except ValueError as err:
+            raise TransportError(f"the {what} packet of step {step} from {client_name(c)} could not be decoded: "
+                                 f"{err}") from None
+
+    def _server_receive(self, step: int, group: Sequence[int]):
+        received, metas = [], []
+        with self._server_timer:
             for c in group:
                 name = client_name(c)
-                received.append(self.act_up[c].decode(transport.recv(SERVER, name, "activations", step),
-                                                      self._server_dtype))
-                metas.append(unpack_tensors(transport.recv(SERVER, name, "labels", step), self.device))
+                act = self.transport.recv(SERVER, name, "activations", step)
+                meta = self.transport.recv(SERVER, name, "labels", step)
+                self._up_bytes[c] = act.numel() + meta.numel()
+                received.append(self._decode_from(c, step, "activations",
+                                                  lambda: self.act_up[c].decode(act, self._server_dtype)))
+                metas.append(self._decode_from(c, step, "labels", lambda: unpack_tensors(meta, self.device)))
+        return received, metas
+
+    def _server_compute(self, step: int, group: Sequence[int], received, metas):
+        """Plain variant: one forward/backward over all clients' activations, one optimizer step;
+        returns the losses and, per client, the future of its encoded gradient."""
+        n_group = len(group)
+        with self.rng(SERVER), self._server_timer:
+            self.server_side.zero_grad()
             sizes = [r.shape[0] for r in received]
             h_all = torch.cat(received).requires_grad_(True)
-            mask = torch.cat([m["attention_mask"] for m in metas])
-            out = self.server(h_all, mask)
-            if not self.u_shape:
-                losses = [causal_lm_loss(lg, m["labels"]) for lg, m in zip(out.split(sizes), metas)]
-                torch.stack(losses).mean().backward()
-            else:
-                for c, o in zip(group, out.split(sizes)):
-                    packet = self.act_down[c].encode(o.detach())
-                    transport.send(SERVER, client_name(c), "activations", step, packet)
-                    down_bytes[c] += packet.numel()
-
-        tail_sim = {}
-        if self.u_shape:
-            losses = []
-            for c in group:
-                name = client_name(c)
-                with client_timers[c]:
-                    a = self.act_down[c].decode(transport.recv(name, SERVER, "activations", step),
-                                                hidden[c].dtype).requires_grad_(True)
-                    logits = self.parts[c]["tail"](a, batches[c]["attention_mask"])
-                    loss = causal_lm_loss(logits, batches[c]["labels"])
-                    loss.backward()
-                    packet = self.grad_up[c].encode(a.grad)
-                transport.send(name, SERVER, "gradients", step, packet)
-                up_bytes[c] += packet.numel()
-                losses.append(loss.detach())
-                tail_sim[c] = (tm.transfer(down_bytes[c]) + tm.client_compute(train_flops(self._flops("tail", sizes[0])))
-                               + tm.transfer(packet.numel()))
-            with server_timer:
-                grads = [self.grad_up[c].decode(transport.recv(SERVER, client_name(c), "gradients", step),
-                                                out.dtype) for c in group]
-                out.backward(torch.cat(grads) / n_group)
-
-        grad_bytes = {}
-        with server_timer:
+            out = self.server(h_all, torch.cat([m["attention_mask"] for m in metas]))
+            losses = [causal_lm_loss(lg, m["labels"]) for lg, m in zip(out.split(sizes), metas)]
+            torch.stack(losses).mean().backward()
             self.server_side.step()
             grads = {c: self.encoder.submit(self.grad_down[c], g)
                      for c, g in zip(group, (h_all.grad * n_group).split(sizes))}
+        return [l.detach() for l in losses], sizes, grads
 
-        for c in group:
-            # Client c's backward overlaps the encoding of the next client's gradient.
-            packet = grads[c].result()
-            transport.send(SERVER, client_name(c), "gradients", step, packet)
-            grad_bytes[c] = packet.numel()
-            down_bytes[c] += packet.numel()
-            with client_timers[c]:
-                g = self.grad_down[c].decode(transport.recv(client_name(c), SERVER, "gradients", step), hidden[c].dtype)
-                hidden[c].backward(g)
-                self.client_sides[c].step()
+    def _send_down(self, c: int, step: int, future) -> int:
+        packet = future.result()
+        self.transport.send(SERVER, client_name(c), "gradients", step, packet)
+        return packet.numel()
 
-        # Time model: clients run in parallel up to the cut, the server runs the group as one
-        # batch, then clients finish in parallel. Input-gradient backward ~ one forward.
-        batch = sizes[0]
+    def _client_finish(self, c: int, step: int, packet) -> None:
+        with self.rng(client_name(c)), self._client_timers[c]:
+            g = self._decode_from_server(c, step, packet)
+            self._hidden[c].backward(g)
+            self.client_sides[c].step()
+
+    def _decode_from_server(self, c: int, step: int, packet):
+        try:
+            return self.grad_down[c].decode(packet, self._hidden[c].dtype)
+        except ValueError as err:
+            raise TransportError(f"the gradients packet of step {step} from the server to {client_name(c)} "
+                                 f"could not be decoded: {err}") from None
+
+    def _simulated_step(self, group, batch: int, server_batch: int, grad_bytes, tail_sim=None) -> float:
+        """Clients run in parallel up to the cut and upload, the server runs the group as one
+        batch, gradients come down and clients finish in parallel (input-gradient backward ~ one
+        forward). The U-shape adds the clients' tails between the server's forward and backward."""
+        tm = self.time_model
         head_fwd = tm.client_compute(self._flops("head", batch))
-        server_fwd = tm.server_compute(self._flops("server", sum(sizes)))
-        phase_up = max(head_fwd + tm.transfer(first_upload[c]) for c in group)
-        if self.u_shape:
-            # Server forward, the clients' tails in parallel (download, train, upload), server backward.
+        phase_up = max(head_fwd + tm.transfer(self._up_bytes[c]) for c in group)
+        if tail_sim:
+            server_fwd = tm.server_compute(self._flops("server", server_batch))
             middle = server_fwd + max(tail_sim.values()) + server_fwd
         else:
-            middle = tm.server_compute(train_flops(self._flops("server", sum(sizes))))
+            middle = tm.server_compute(train_flops(self._flops("server", server_batch)))
         phase_down = max(tm.transfer(grad_bytes[c]) + head_fwd for c in group)
-        losses_value = float(torch.stack([l.detach() for l in losses]).mean())
+        return phase_up + middle + phase_down
+
+    # -- one exchange across the cut, every party in this process -------------------------------------
+    def _exchange(self, step: int, group: Sequence[int]) -> StepResult:
+        transport = self.transport
+        self._begin_step(group)
+        pending = {c: self._client_forward(c, step) for c in group}
+        for c in group:
+            self._send_up(c, step, *pending[c])
+        received, metas = self._server_receive(step, group)
+        tail_sim = None
+        if not self.u_shape:
+            losses, sizes, grads = self._server_compute(step, group, received, metas)
+        else:
+            losses, sizes, grads, tail_sim = self._u_shape_middle(step, group, received, metas)
+        grad_bytes = {}
+        for c in group:
+            # Client c's backward overlaps the encoding of the next client's gradient.
+            grad_bytes[c] = self._send_down(c, step, grads[c])
+            self._client_finish(c, step, transport.recv(client_name(c), SERVER, "gradients", step))
         return StepResult(
-            loss=losses_value,
-            client_compute_s=sum(t.elapsed for t in client_timers.values()),
-            server_compute_s=server_timer.elapsed,
-            sim_time_s=phase_up + middle + phase_down,
+            loss=float(torch.stack(losses).mean()),
+            client_compute_s=sum(t.elapsed for t in self._client_timers.values()),
+            server_compute_s=self._server_timer.elapsed,
+            sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes, tail_sim),
         )
+
+    def _u_shape_middle(self, step, group, received, metas):
+        """U-shape: the server returns the activations at server_end, each client runs its tail,
+        loss and backward, and sends the gradient back; then the server finishes its backward."""
+        tm = self.time_model
+        transport = self.transport
+        n_group = len(group)
+        with self.rng(SERVER), self._server_timer:
+            self.server_side.zero_grad()
+            sizes = [r.shape[0] for r in received]
+            h_all = torch.cat(received).requires_grad_(True)
+            out = self.server(h_all, torch.cat([m["attention_mask"] for m in metas]))
+            down = {}
+            for c, o in zip(group, out.split(sizes)):
+                packet = self.act_down[c].encode(o.detach())
+                transport.send(SERVER, client_name(c), "activations", step, packet)
+                down[c] = packet.numel()
+        losses, tail_sim = [], {}
+        for c in group:
+            name = client_name(c)
+            with self.rng(name), self._client_timers[c]:
+                a = self.act_down[c].decode(transport.recv(name, SERVER, "activations", step),
+                                            self._hidden[c].dtype).requires_grad_(True)
+                loss = causal_lm_loss(self.parts[c]["tail"](a, self._batches[c]["attention_mask"]),
+                                      self._batches[c]["labels"])
+                loss.backward()
+                packet = self.grad_up[c].encode(a.grad)
+            transport.send(name, SERVER, "gradients", step, packet)
+            losses.append(loss.detach())
+            tail_sim[c] = (tm.transfer(down[c]) + tm.client_compute(train_flops(self._flops("tail", sizes[0])))
+                           + tm.transfer(packet.numel()))
+        with self.rng(SERVER), self._server_timer:
+            grads = [self._decode_from(c, step, "gradients", lambda c=c: self.grad_up[c].decode(
+                transport.recv(SERVER, client_name(c), "gradients", step), out.dtype)) for c in group]
+            out.backward(torch.cat(grads) / n_group)
+            self.server_side.step()
+            futures = {c: self.encoder.submit(self.grad_down[c], g)
+                       for c, g in zip(group, (h_all.grad * n_group).split(sizes))}
+        return losses, sizes, futures, tail_sim
 
     # -- evaluation and export ------------------------------------------------------------------------
     def _global_client_state(self) -> Dict[str, torch.Tensor]:
@@ -232,6 +279,7 @@ class _SplitBase(Strategy):
             "server": adapter_state(self.server),
             "server_side": self.server_side.state_dict(),
             "streams": streams,
+            "party_rng": self.rng.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -241,6 +289,7 @@ class _SplitBase(Strategy):
             side.load_state_dict(s)
         load_adapter_state(self.server, state["server"])
         self.server_side.load_state_dict(state["server_side"])
+        self.rng.load_state_dict(state["party_rng"])
         for name, states in state["streams"].items():
             for stream, s in zip(getattr(self, name), states):
                 stream.load_state_dict(s)
@@ -261,14 +310,57 @@ class SplitLoRA(_SplitBase):
         super().__init__(setup, parts)
 
     def train_step(self, step: int) -> StepResult:
-        return self._exchange(step, list(range(self.num_clients)))
+        if self.role is None:
+            return self._exchange(step, list(range(self.num_clients)))
+        if self.role == SERVER:
+            return self._server_step(step)
+        return self._client_step(int(self.role[len("client"):]), step)
+
+    # -- one party per process (transport=dist) ------------------------------------------------------
+    def _server_step(self, step: int) -> StepResult:
+        group = list(range(self.num_clients))
+        self._begin_step(group)
+        received, metas = self._server_receive(step, group)
+        losses, sizes, grads = self._server_compute(step, group, received, metas)
+        grad_bytes = {c: self._send_down(c, step, grads[c]) for c in group}
+        self.transport.flush()
+        return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
+                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes))
+
+    def _client_step(self, c: int, step: int) -> StepResult:
+        self._begin_step([c])
+        self._send_up(c, step, *self._client_forward(c, step))
+        self._client_finish(c, step, self.transport.recv(client_name(c), SERVER, "gradients", step))
+        self.transport.flush()
+        return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)
 
     def end_round(self, step: int) -> float:
-        states = [adapter_state(p) for p in self.parts]
-        averaged, sim = self._fedavg_round(step, states)
-        for p, s in zip(self.parts, averaged):
-            load_adapter_state(p, s)
-        return sim
+        if self.role is None:
+            states = [adapter_state(p) for p in self.parts]
+            averaged, sim = self._fedavg_round(step, states)
+            for p, s in zip(self.parts, averaged):
+                load_adapter_state(p, s)
+            return sim
+        tm = self.time_model
+        if self.role == SERVER:
+            received = []
+            for c in range(self.num_clients):
+                received.append(self._decode_from(
+                    c, step, "adapters", lambda c=c: self._recv_adapters(SERVER, client_name(c), step)))
+            up = max(tm.transfer(self.transport.received.round_total(self.transport.round_index, client=client_name(c),
+                                                                     kind="adapters")) for c in range(self.num_clients))
+            average = fedavg(received, self.setup.client_weights)
+            down = max(self._send_adapters(SERVER, client_name(c), step, average) for c in range(self.num_clients))
+            # The server's copies of the client parts hold the global adapters: for evaluation and export.
+            for p in self.parts:
+                load_adapter_state(p, average)
+            self.transport.flush()
+            return up + tm.transfer(down)
+        c = int(self.role[len("client"):])
+        self._send_adapters(client_name(c), SERVER, step, adapter_state(self.parts[c]))
+        load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
+        self.transport.flush()
+        return 0.0
 
 
 class VanillaSL(_SplitBase):

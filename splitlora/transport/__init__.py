@@ -14,7 +14,8 @@ __all__ = ["SERVER", "CommLedger", "Transport", "TransportError", "client_name",
 def make_transport(kind: str, *, timeout_s: float = 60.0) -> Transport:
     if kind == "local":
         return LocalTransport(timeout_s=timeout_s)
-    raise ValueError(
-        f"transport {kind!r} is not available in this version; use transport=local "
-        "(the torch.distributed transport is not built yet)"
-    )
+    if kind == "dist":
+        from .dist import DistTransport
+
+        return DistTransport(timeout_s=timeout_s)
+    raise ValueError(f"transport {kind!r} is unknown; use local (in-process) or dist (torch.distributed)")
