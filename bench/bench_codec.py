@@ -10,6 +10,16 @@ tensor (`copy_`, the device-to-device copy on CUDA). On CUDA it also times the b
 (`ext-op`: the kernels without the host sync the public API needs to raise on NaN/Inf or bad
 scales). Times are medians (CUDA events on GPU, perf_counter on CPU).
 
+On CUDA every case is timed two ways: one call between two events (`median ms`: what one call
+costs from the moment the host issues it, launch gaps and host work included), and `--stream`
+back-to-back calls between two events (`stream ms`, per call: the GPU throughput, where the host
+work of one call overlaps the kernels of the previous ones; for the public API, which
+synchronises inside every call, the two agree). Each way has its own `% copy_`, against copy_
+timed the same way.
+
+On CUDA it then times the host side of one call on a 4 KiB tensor (`--no-host-latency` to skip):
+the launch and synchronisation round trips that a call pays whatever the tensor size.
+
 Columns: GB/s of input (the tensor's bytes over the time), effective GB/s (bytes read + written),
 that as % of copy_'s effective GB/s, speed-up over the torch reference and over clone(), and the
 packet size over the input size. Prints a markdown table and writes codec_<device>.csv to --out.
@@ -23,6 +33,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -44,11 +55,11 @@ def _cpu_model() -> str:
 
 
 class Timer:
-    def __init__(self, device: torch.device, reps: int, warmup: int):
-        self.device, self.reps, self.warmup = device, reps, warmup
+    def __init__(self, device: torch.device, reps: int, warmup: int, stream_calls: int = 10):
+        self.device, self.reps, self.warmup, self.stream_calls = device, reps, warmup, stream_calls
 
-    def __call__(self, fn, reps=None) -> float:
-        """Median seconds of fn() over reps calls (after warmup calls)."""
+    def __call__(self, fn, reps=None, calls=1) -> float:
+        """Median seconds per fn() call over reps samples of `calls` back-to-back calls (after warmup)."""
         reps = reps or self.reps
         for _ in range(self.warmup):
             fn()
@@ -58,20 +69,30 @@ class Timer:
             for _ in range(reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(calls):
+                    fn()
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
+                times.append(start.elapsed_time(end) / 1e3 / calls)
         else:
             for _ in range(reps):
                 t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+                for _ in range(calls):
+                    fn()
+                times.append((time.perf_counter() - t0) / calls)
         return statistics.median(times)
 
+    def both(self, fn):
+        """(one call per sample, back-to-back calls per sample) on CUDA; (t, nan) elsewhere."""
+        one = self(fn)
+        if self.device.type != "cuda":
+            return one, float("nan")
+        return one, self(fn, reps=max(3, self.reps // 2), calls=self.stream_calls)
 
-def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int, reps: int, ref_reps: int):
-    timer = Timer(device, reps, warmup=3 if device.type == "cuda" else 1)
+
+def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int, reps: int, ref_reps: int,
+        stream_calls: int = 10):
+    timer = Timer(device, reps, warmup=3 if device.type == "cuda" else 1, stream_calls=stream_calls)
     rows = []
     ext_name = codec.backend_for(device)
     for dname in dtypes:
@@ -84,21 +105,29 @@ def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int,
         x = (x * torch.exp(torch.randn(numel // cols, 1, device=device, generator=gen))).to(dtype)
         nbytes = x.numel() * elem
         out = torch.empty_like(x)
-        t_clone = timer(lambda: x.clone())
-        t_copy = timer(lambda: out.copy_(x))
-        copy_eff = 2 * nbytes / t_copy
+        t_clone = timer.both(lambda: x.clone())
+        t_copy = timer.both(lambda: out.copy_(x))
 
         def add(op, backend, bits, seconds, moved, packet_bytes, t_ref=None, same=""):
-            eff = moved / seconds
+            if not isinstance(seconds, tuple):
+                seconds = (seconds, float("nan"))
+            one, stream = seconds
+            eff = moved / one
             rows.append({
                 "device": device.type, "dtype": dname, "bits": bits, "op": op, "backend": backend,
-                "median_ms": seconds * 1e3, "input_GBps": nbytes / seconds / 1e9, "effective_GBps": eff / 1e9,
-                "pct_of_copy": 100 * eff / copy_eff,
-                "x_vs_torch": (t_ref / seconds) if t_ref else float("nan"),
-                "x_vs_clone": t_clone / seconds,
+                "median_ms": one * 1e3, "input_GBps": nbytes / one / 1e9, "effective_GBps": eff / 1e9,
+                "pct_of_copy": 100 * eff / (2 * nbytes / t_copy[0]),
+                "stream_ms": stream * 1e3,
+                "stream_effective_GBps": moved / stream / 1e9,
+                "stream_pct_of_copy": 100 * (moved / stream) / (2 * nbytes / t_copy[1]),
+                "x_vs_torch": (t_ref / one) if t_ref else float("nan"),
+                "x_vs_clone": t_clone[0] / one,
                 "packet_ratio": packet_bytes / nbytes if packet_bytes else float("nan"),
                 "same_packet": same,
             })
+            r = rows[-1]
+            print(f"#  {dname} {bits} {op} {backend}: {one * 1e3:.3f} ms ({r['pct_of_copy']:.0f}% of copy_), "
+                  f"stream {stream * 1e3:.3f} ms ({r['stream_pct_of_copy']:.0f}%)", file=sys.stderr, flush=True)
 
         add("clone", "torch", "-", t_clone, 2 * nbytes, None)
         add("copy_", "torch", "-", t_copy, 2 * nbytes, None)
@@ -108,25 +137,28 @@ def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int,
                 op = "compress-sr" if stochastic else "compress"
                 ref_seconds = None
 
+                gen = torch.Generator().manual_seed(1)  # one stream's generator, made once
+
                 def ext_compress():
-                    return codec.compress(x, bits, group_size, stochastic=stochastic, generator=torch.Generator().manual_seed(1))
+                    return codec.compress(x, bits, group_size, stochastic=stochastic, generator=gen)
 
                 def ref_compress():
                     return codec._compress(x, bits, group_size, stochastic, torch.Generator().manual_seed(1),
                                            kernel=codec_reference.compress_kernel)
 
-                packet = ext_compress()
+                packet = codec.compress(x, bits, group_size, stochastic=stochastic,
+                                        generator=torch.Generator().manual_seed(1))
                 ref_packet = ref_compress()
                 same = "yes" if torch.equal(packet, ref_packet) else "NO"
                 del ref_packet
                 pbytes = packet.numel()
                 ref_seconds = timer(ref_compress, reps=ref_reps)
                 add(op, "torch", bits, ref_seconds, nbytes + pbytes, pbytes)
-                add(op, ext_name, bits, timer(ext_compress), nbytes + pbytes, pbytes, ref_seconds, same)
+                add(op, ext_name, bits, timer.both(ext_compress), nbytes + pbytes, pbytes, ref_seconds, same)
                 if device.type == "cuda":
                     header = list(codec._build_header(dtype, tuple(x.shape), bits, group_size, stochastic))
                     add(op, f"{ext_name}-op", bits,
-                        timer(lambda: torch.ops.splitlora.compress(x, header, bits, group_size, stochastic, 12345)),
+                        timer.both(lambda: torch.ops.splitlora.compress(x, header, bits, group_size, stochastic, 12345)),
                         nbytes + pbytes, pbytes, ref_seconds, same)
                 if stochastic:
                     continue
@@ -135,17 +167,57 @@ def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int,
                 same = "yes" if torch.equal(codec.decompress(packet), ref_dec()) else "NO"
                 ref_seconds = timer(ref_dec, reps=ref_reps)
                 add("decompress", "torch", bits, ref_seconds, nbytes + pbytes, pbytes)
-                add("decompress", ext_name, bits, timer(lambda: codec.decompress(packet)), nbytes + pbytes, pbytes,
-                    ref_seconds, same)
+                add("decompress", ext_name, bits, timer.both(lambda: codec.decompress(packet)), nbytes + pbytes,
+                    pbytes, ref_seconds, same)
                 if device.type == "cuda":
                     shape = list(x.shape)
                     add("decompress", f"{ext_name}-op", bits,
-                        timer(lambda: torch.ops.splitlora.decompress(packet, dtype, shape, bits, group_size)),
+                        timer.both(lambda: torch.ops.splitlora.decompress(packet, dtype, shape, bits, group_size)),
                         nbytes + pbytes, pbytes, ref_seconds, same)
                 del packet
         del x, out
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def host_latency(device: torch.device, calls: int = 300) -> list[dict]:
+    """Wall time per call on a 4 KiB tensor (the kernels take ~nothing): what one call costs the
+    host, round trips to the GPU included. Median of `calls` calls, perf_counter."""
+    from splitlora import _ops
+
+    x = torch.randn(1024, device=device)
+    out = torch.empty_like(x)
+    packet = codec.compress(x, 8, 64)
+    info = codec.packet_info(packet)
+    header = list(codec._build_header(x.dtype, tuple(x.shape), 8, 64, False))
+    header_hex = codec._header_hex(x.dtype, tuple(x.shape), 8, 64, False)
+    sync = torch.cuda.synchronize
+    cases = [
+        ("torch.cuda.synchronize() (idle)", sync),
+        ("copy_ + synchronize (1 launch, 1 round trip)", lambda: (out.copy_(x), sync())),
+        ("copy_ + .item() (1 launch + D2H copy)", lambda: out.copy_(x)[0].item()),
+        ("compress op + flag.item() (before: public path)", lambda: _ops.compress(x, header, 8, 64, False, 0)[1].item()),
+        ("_compress_sync op (kernel + sync)", lambda: _ops.compress_sync(x, header_hex, 8, 64, False, 0)),
+        ("codec.compress (public)", lambda: codec.compress(x, 8, 64)),
+        ("packet[:96].cpu() (before: header read)", lambda: packet[:96].cpu()),
+        ("_packet_header op (pinned copy + sync)", lambda: _ops.packet_header(packet)),
+        ("decompress op + flag.item()", lambda: _ops.decompress(packet, x.dtype, [1024], 8, 64)[1].item()),
+        ("_decompress_sync op (kernel + sync)", lambda: _ops.decompress_sync(packet, x.dtype, [1024], 8, 64)),
+        ("codec.decompress (public: header + kernel)", lambda: codec.decompress(packet)),
+    ]
+    rows = []
+    for name, fn in cases:
+        for _ in range(20):
+            fn()
+        sync()
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rows.append({"call": name, "median_us": statistics.median(times) * 1e6})
+    del info
     return rows
 
 
@@ -158,9 +230,12 @@ def _fmt(v, spec):
 def markdown(rows) -> str:
     head = ["dtype", "bits", "op", "backend", "median ms", "GB/s in", "eff GB/s", "% copy_", "x torch", "x clone",
             "packet/in", "same packet"]
-    keys = [("dtype", ""), ("bits", ""), ("op", ""), ("backend", ""), ("median_ms", ".2f"), ("input_GBps", ".2f"),
+    keys = [("dtype", ""), ("bits", ""), ("op", ""), ("backend", ""), ("median_ms", ".3f"), ("input_GBps", ".2f"),
             ("effective_GBps", ".1f"), ("pct_of_copy", ".0f"), ("x_vs_torch", ".1f"), ("x_vs_clone", ".2f"),
             ("packet_ratio", ".3f"), ("same_packet", "")]
+    if rows and not math.isnan(rows[0]["stream_ms"]):
+        head[8:8] = ["stream ms", "stream eff GB/s", "stream % copy_"]
+        keys[8:8] = [("stream_ms", ".3f"), ("stream_effective_GBps", ".1f"), ("stream_pct_of_copy", ".0f")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[k], s) for k, s in keys) + " |")
@@ -176,6 +251,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7 on CPU, 50 on CUDA)")
+    parser.add_argument("--host-latency", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, also time the host side of one call on a tiny tensor (default on)")
+    parser.add_argument("--stream", type=int, default=10,
+                        help="back-to-back calls per sample of the second timing on CUDA (default 10)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
@@ -189,7 +268,7 @@ def main(argv=None) -> int:
     print(f"# codec benchmark: {machine}; torch {torch.__version__}; {stamp}")
     print(f"# {args.size_mib} MiB per tensor, group_size {args.group_size}, backend {codec.backend_for(device)}, "
           f"threads {torch.get_num_threads()}, reps {reps} (torch reference {ref_reps})")
-    rows = run(args.size_mib, device, bits_list, dtypes, args.group_size, reps, ref_reps)
+    rows = run(args.size_mib, device, bits_list, dtypes, args.group_size, reps, ref_reps, args.stream)
     print(markdown(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +281,16 @@ def main(argv=None) -> int:
         f"{machine}; torch {torch.__version__}; {stamp}\n\n{markdown(rows)}\n"
     )
     print(f"# wrote {path}")
+    if device.type == "cuda" and args.host_latency:
+        lat = host_latency(device)
+        print("\n# host time per call, 4 KiB float32 tensor (median of 300, perf_counter)\n")
+        print("| call | median us |\n|---|---|")
+        for r in lat:
+            print(f"| {r['call']} | {r['median_us']:.1f} |")
+        with (out / "codec_cuda_latency.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(lat[0]))
+            writer.writeheader()
+            writer.writerows(lat)
     return 0
 
 

@@ -53,6 +53,23 @@ def _decompress_fake(packet, dtype, shape, bits, group_size):
     return packet.new_empty(list(shape), dtype=dtype), packet.new_empty((1,), dtype=torch.int32)
 
 
+# Eager-mode helpers of splitlora.codec on CUDA, served only by the CUDA kernels of the extension
+# (no default, no fake kernel: the Python face calls them outside torch.compile, and only where
+# ``has_cuda_sync_ops()``). They run what compress/decompress run, then synchronise the stream
+# once and return the flag as a host int, read from pinned memory the kernel wrote through its
+# device mapping: no fill kernel for the flag and no device-to-host copy to read it. The header
+# of _compress_sync is its 96 bytes as 192 lower-case hex digits (one str argument to convert).
+# ``_packet_header`` copies the 96 header bytes of a device packet to a CPU tensor the same way.
+_lib.define(
+    "_compress_sync(Tensor x, str header_hex, int bits, int group_size, bool stochastic, int seed)"
+    " -> (Tensor, int)"
+)
+_lib.define(
+    "_decompress_sync(Tensor packet, ScalarType dtype, int[] shape, int bits, int group_size)"
+    " -> (Tensor, int)"
+)
+_lib.define("_packet_header(Tensor packet) -> Tensor")
+
 # The default for every device without a compiled kernel (and every device when the extension
 # is not built). CompositeExplicitAutograd: a backend kernel (CPU, CUDA) registered by the
 # extension wins over it on its own device.
@@ -64,6 +81,9 @@ EXTENSION = _ext.load()
 
 compress = torch.ops.splitlora.compress.default
 decompress = torch.ops.splitlora.decompress.default
+compress_sync = torch.ops.splitlora._compress_sync.default
+decompress_sync = torch.ops.splitlora._decompress_sync.default
+packet_header = torch.ops.splitlora._packet_header.default
 
 
 def has_compiled_kernel(dispatch_key: str) -> bool:
@@ -72,3 +92,15 @@ def has_compiled_kernel(dispatch_key: str) -> bool:
         torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", dispatch_key)
         for name in ("compress", "decompress")
     )
+
+
+# Fixed once the extension is loaded (kernels register when it loads, and only then).
+_CUDA_SYNC_OPS = all(
+    torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CUDA")
+    for name in ("_compress_sync", "_decompress_sync", "_packet_header")
+)
+
+
+def has_cuda_sync_ops() -> bool:
+    """Whether the CUDA kernels of the eager-mode helpers (_compress_sync, ...) are registered."""
+    return _CUDA_SYNC_OPS

@@ -36,6 +36,7 @@ and each call logs it at debug level on the logger ``splitlora.codec``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import struct
@@ -179,10 +180,23 @@ def _build_header(dtype: torch.dtype, shape, bits: int, group_size: int, stochas
     return fields + _TAIL.pack(zlib.crc32(fields), 0)
 
 
+@functools.lru_cache(maxsize=256)
+def _header_hex(dtype: torch.dtype, shape: tuple, bits: int, group_size: int, stochastic: bool) -> str:
+    # What _ops.compress_sync takes. A stream sends tensors of one shape again and again, so the
+    # bytes (and the CRC over them) are built once per signature.
+    return _build_header(dtype, shape, bits, group_size, stochastic).hex()
+
+
+def _eager_cuda(t: torch.Tensor) -> bool:
+    """Whether the synchronising CUDA helpers of splitlora._ops may serve tensor t."""
+    return t.is_cuda and _ops.has_cuda_sync_ops() and not torch.compiler.is_compiling()
+
+
 def _corrupt(what: str) -> ValueError:
     return ValueError(f"not a valid splitlora codec packet: {what}")
 
 
+@functools.lru_cache(maxsize=256)  # pure function of its arguments; errors are not cached
 def _parse_header(head: bytes, packet_len: int) -> PacketInfo:
     magic, version, dtype_code, bits, flags, ndim, reserved16, group_size, numel, *dims = _FIELDS.unpack_from(head)
     crc, reserved32 = _TAIL.unpack_from(head, _FIELDS.size)
@@ -249,7 +263,10 @@ def _check_packet(packet) -> None:
 def packet_info(packet: torch.Tensor) -> PacketInfo:
     """Parses and validates the header of ``packet`` (one small host copy for a device packet)."""
     _check_packet(packet)
-    head = bytes(packet[:HEADER_BYTES].cpu().tolist())
+    if _eager_cuda(packet) and packet.is_contiguous():
+        head = _ops.packet_header(packet).numpy().tobytes()  # pinned copy, one stream sync
+    else:
+        head = bytes(packet[:HEADER_BYTES].cpu().tolist())
     return _parse_header(head, packet.numel())
 
 
@@ -273,16 +290,23 @@ def _compress(x, bits, group_size, stochastic, generator, *, wire_dtype=None, ke
         raise ValueError("stochastic rounding applies to bits 2, 4 and 8; bits=16 sends bfloat16 unchanged")
     seed = _draw_seed(generator) if stochastic else 0
     wire_dtype = x.dtype if wire_dtype is None else wire_dtype
-    header = _build_header(wire_dtype, tuple(x.shape), bits, group_size, bool(stochastic))
-    op = _ops.compress if kernel is None else kernel
-    packet, nonfinite = op(x.detach(), list(header), bits, group_size, bool(stochastic), seed)
+    stochastic = bool(stochastic)
+    if kernel is None and _eager_cuda(x):
+        # One call: kernel, one stream sync, the non-finite flag as a host int.
+        header = _header_hex(wire_dtype, tuple(x.shape), bits, group_size, stochastic)
+        packet, nonfinite = _ops.compress_sync(x.detach(), header, bits, group_size, stochastic, seed)
+    else:
+        header = list(_build_header(wire_dtype, tuple(x.shape), bits, group_size, stochastic))
+        op = _ops.compress if kernel is None else kernel
+        packet, flag = op(x.detach(), header, bits, group_size, stochastic, seed)
+        nonfinite = x.numel() and flag.item()
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "compress backend=%s device=%s shape=%s dtype=%s bits=%d group_size=%d stochastic=%s bytes=%d",
             backend_for(x.device) if kernel is None else "torch (reference)",
-            x.device, tuple(x.shape), x.dtype, bits, group_size, bool(stochastic), packet.numel(),
+            x.device, tuple(x.shape), x.dtype, bits, group_size, stochastic, packet.numel(),
         )
-    if x.numel() and nonfinite.item():
+    if nonfinite:
         if bits == 16:
             raise ValueError(
                 "compress: x contains NaN or Inf, or values beyond the bfloat16 range; the codec "
@@ -326,15 +350,19 @@ def _decode(packet, info: PacketInfo, kernel=None):
         # A packet sliced out of a larger receive buffer may start anywhere; the kernels read
         # float32 scales and vectors, which need alignment. Rare, and a copy of the packet only.
         packet = packet.clone()
-    op = _ops.decompress if kernel is None else kernel
-    out, bad_scales = op(packet, info.dtype, list(info.shape), info.bits, info.group_size)
+    if kernel is None and _eager_cuda(packet):
+        out, bad_scales = _ops.decompress_sync(packet, info.dtype, list(info.shape), info.bits, info.group_size)
+    else:
+        op = _ops.decompress if kernel is None else kernel
+        out, flag = op(packet, info.dtype, list(info.shape), info.bits, info.group_size)
+        bad_scales = info.bits != 16 and flag.item()
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "decompress backend=%s device=%s shape=%s dtype=%s bits=%d group_size=%d bytes=%d",
             backend_for(packet.device) if kernel is None else "torch (reference)",
             packet.device, info.shape, info.dtype, info.bits, info.group_size, packet.numel(),
         )
-    if info.bits != 16 and bad_scales.item():
+    if info.bits != 16 and bad_scales:
         raise _corrupt("a stored scale is negative, NaN or Inf (the payload was corrupted)")
     return out
 
