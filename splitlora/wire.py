@@ -74,12 +74,14 @@ class TensorStream:
         return codec.compress(x, bits=s.bits, group_size=s.group_size, stochastic=s.stochastic,
                               generator=self.generator)
 
-    def decode(self, packet: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def decode(self, packet: torch.Tensor, dtype: Optional[torch.dtype] = None,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+        """The tensor of `packet`, on `device` (default: the packet's) and in `dtype`."""
         if not self.settings.compressed:
             out = unpack_tensors(packet, packet.device)["x"]
         else:
             out = codec.decompress(packet)
-        return out if dtype is None else out.to(dtype)
+        return out.to(device=device or out.device, dtype=dtype or out.dtype)
 
     def state_dict(self) -> dict:
         state = {}

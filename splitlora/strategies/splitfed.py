@@ -115,7 +115,7 @@ class _SplitBase(Strategy):
                 meta = self.transport.recv(SERVER, name, "labels", step)
                 self._up_bytes[c] = act.numel() + meta.numel()
                 received.append(self._decode_from(c, step, "activations",
-                                                  lambda: self.act_up[c].decode(act, self._server_dtype)))
+                                                  lambda: self.act_up[c].decode(act, self._server_dtype, self.device)))
                 metas.append(self._decode_from(c, step, "labels", lambda: unpack_tensors(meta, self.device)))
         return received, metas
 
@@ -148,7 +148,7 @@ class _SplitBase(Strategy):
 
     def _decode_from_server(self, c: int, step: int, packet):
         try:
-            return self.grad_down[c].decode(packet, self._hidden[c].dtype)
+            return self.grad_down[c].decode(packet, self._hidden[c].dtype, self.device)
         except ValueError as err:
             raise TransportError(f"the gradients packet of step {step} from the server to {client_name(c)} "
                                  f"could not be decoded: {err}") from None
@@ -214,7 +214,7 @@ class _SplitBase(Strategy):
             name = client_name(c)
             with self.rng(name), self._client_timers[c]:
                 a = self.act_down[c].decode(transport.recv(name, SERVER, "activations", step),
-                                            self._hidden[c].dtype).requires_grad_(True)
+                                            self._hidden[c].dtype, self.device).requires_grad_(True)
                 loss = causal_lm_loss(self.parts[c]["tail"](a, self._batches[c]["attention_mask"]),
                                       self._batches[c]["labels"])
                 loss.backward()
@@ -225,7 +225,7 @@ class _SplitBase(Strategy):
                            + tm.transfer(packet.numel()))
         with self.rng(SERVER), self._server_timer:
             grads = [self._decode_from(c, step, "gradients", lambda c=c: self.grad_up[c].decode(
-                transport.recv(SERVER, client_name(c), "gradients", step), out.dtype)) for c in group]
+                transport.recv(SERVER, client_name(c), "gradients", step), out.dtype, self.device)) for c in group]
             out.backward(torch.cat(grads) / n_group)
             self.server_side.step()
             futures = {c: self.encoder.submit(self.grad_down[c], g)
