@@ -2,6 +2,7 @@
 
     python -m bench.bench_lora --device cuda --out runs/bench          # full sweep, bf16
     python -m bench.bench_lora --device cuda --quick                    # key case only
+    python -m bench.bench_lora --device cuda --shapes 8192x4096x16,2048x768x16 --profile
     python -m bench.bench_lora --device cpu --out runs/bench            # CPU: reference vs PEFT, fp32
 
 Times forward (training mode, autograd recording) and forward+backward with a frozen base weight
@@ -9,7 +10,8 @@ and bias, gradients taken for x, lora_a and lora_b with torch.autograd.grad (so 
 accumulation is timed). Methods:
   base       nn.Linear alone (cuBLAS), the floor any LoRA layer is measured against
   fused      splitlora_kernels.lora_linear (on CUDA its default path; on CPU the reference)
-  fused:<p>  lora_linear_triton(path=<p>) for each CUDA path, "triton" and "cublas"
+  fused:<p>  lora_linear_triton(path=<p>) for each CUDA path ("triton", "triton-pre", "cublas", "torch")
+  layer      FusedLoRALinear (the drop-in module around lora_linear), to compare with peft
   unfused    x @ W.T + b + s * (x @ A.T) @ B.T in plain torch ops
   peft       peft.tuners.lora.Linear wrapping the same nn.Linear (dropout 0)
 GPU times are triton.testing.do_bench medians (it flushes L2 between runs, so inputs need no
@@ -17,6 +19,10 @@ rotation); CPU times are the best of 7 round-robin rounds (every method in turn)
 of 3 timed calls, which keeps other processes on the cores from landing on one method. Each shape also checks the
 fused output against unfused torch (max error relative to max |y|).
 Writes lora_<device>.csv (one row per measurement) and lora_<device>.md (tables with ratios).
+--profile (CUDA) adds, per shape, the GPU time of each method's kernels (torch.profiler) and the
+host time one call takes to enqueue them (profile.txt); --cprofile the Python functions that
+take the fused layer's host time at one shape (cprofile.txt); --launch-overhead the host
+cost of one kernel launch by each mechanism (launch.txt).
 """
 import argparse
 import importlib
@@ -50,7 +56,7 @@ def shapes(device, quick):
     return grid
 
 
-def build_methods(tokens, d, r, dtype, device):
+def build_methods(tokens, d, r, dtype, device, paths=None):
     gen = torch.Generator().manual_seed(tokens * 7 + d * 3 + r)
 
     def rnd(*shape, scale=1.0):
@@ -94,11 +100,22 @@ def build_methods(tokens, d, r, dtype, device):
         "peft": (lambda: peft_layer(x), peft_params),
     }
     if device == "cuda":
-        for path in lora_ops.CUDA_PATHS:
+        for path in (paths or lora_ops.CUDA_PATHS):
             methods[f"fused:{path}"] = (
                 lambda path=path: lora_linear_triton(x, weight, lora_a, lora_b, scaling, bias, path=path),
                 lora_params)
     methods["fused"] = (lambda: lora_linear(x, weight, lora_a, lora_b, scaling, bias), lora_params)
+    from splitlora_kernels import FusedLoRALinear
+
+    layer_base = torch.nn.Linear(d, d, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer_base.weight.copy_(weight)
+        layer_base.bias.copy_(bias)
+    layer = FusedLoRALinear.from_linear(layer_base, r, 2 * r)
+    with torch.no_grad():
+        layer.lora_A.copy_(lora_a)
+        layer.lora_B.copy_(lora_b)
+    methods["layer"] = (lambda: layer(x), [x, layer.lora_A, layer.lora_B])
     return methods, grad_out
 
 
@@ -119,8 +136,8 @@ def timer(device):
     return cpu_median
 
 
-def bench_shape(tokens, d, r, dtype, device, measure, rounds=7):
-    methods, grad_out = build_methods(tokens, d, r, dtype, device)
+def bench_shape(tokens, d, r, dtype, device, measure, rounds=7, paths=None):
+    methods, grad_out = build_methods(tokens, d, r, dtype, device, paths)
     with torch.no_grad():
         y_ref = methods["unfused"][0]()
         scale = y_ref.abs().max().item()
@@ -147,9 +164,10 @@ def bench_shape(tokens, d, r, dtype, device, measure, rounds=7):
 def markdown(rows, errors_by_shape, device):
     default = "fused"
     extra = sorted({r["method"] for r in rows if r["method"].startswith("fused:")})
-    cols = ["base", default, *extra, "unfused", "peft"]
+    cols = ["base", default, *extra, "layer", "unfused", "peft"]
     lines = []
-    header = ["tokens", "d", "r", "mode"] + [f"{c} ms" for c in cols] + ["fused/base", "peft/fused", "unfused/fused"]
+    header = ["tokens", "d", "r", "mode"] + [f"{c} ms" for c in cols] + ["fused/base", "peft/fused", "unfused/fused",
+                                                                          "peft/layer"]
     header += [f"{c}/base" for c in extra]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -159,7 +177,7 @@ def markdown(rows, errors_by_shape, device):
     for (tokens, d, r, mode), ms in table.items():
         cells = [str(tokens), str(d), str(r), mode] + [f"{ms[c]:.3f}" for c in cols]
         cells += [f"{ms[default] / ms['base']:.3f}", f"{ms['peft'] / ms[default]:.3f}",
-                  f"{ms['unfused'] / ms[default]:.3f}"]
+                  f"{ms['unfused'] / ms[default]:.3f}", f"{ms['peft'] / ms['layer']:.3f}"]
         cells += [f"{ms[c] / ms['base']:.3f}" for c in extra]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -180,59 +198,138 @@ def breakdown(tokens, d, r, dtype=torch.bfloat16):
     w = torch.randn(d, d, device=dev, dtype=dtype) * d ** -0.5
     a = torch.randn(r, d, device=dev, dtype=dtype) * d ** -0.5
     b = torch.randn(d, r, device=dev, dtype=dtype) * r ** -0.5
+    bias = torch.randn(d, device=dev, dtype=dtype)
     dy = torch.randn(tokens, d, device=dev, dtype=dtype)
     xa = x @ a.t()
     out = torch.empty(tokens, d, device=dev, dtype=dtype)
     dyb = torch.empty(tokens, r, device=dev, dtype=dtype)
     ops = lora_ops
+    colpass = dict(need_a=True, need_b=True, need_bias=True, scaling=2.0, p=0.0, seed=0, bias_dtype=dtype)
+
+    def merged(fn):
+        saved, ops._MERGED_ROWPASS_MAX = ops._MERGED_ROWPASS_MAX, float("inf")
+        try:
+            return fn()
+        finally:
+            ops._MERGED_ROWPASS_MAX = saved
+
     cases = {
         "cublas x@W.T": lambda: torch.mm(x, w.t()),
         "cublas dY@W": lambda: torch.mm(dy, w),
+        "cublas addmm_ beta=1 (fused path's base GEMM)": lambda: out.addmm_(x, w.t()),
+        "fwd: row pass xa + low-rank term of y (as dispatched)": lambda: ops._launch_rowpass(
+            x, a, xa, r, out=out, up=b.t(), bias=bias, scaling=2.0),
+        "fwd: row pass xa + low-rank term of y (merged, one launch)": lambda: merged(lambda: ops._launch_rowpass(
+            x, a, xa, r, out=out, up=b.t(), bias=bias, scaling=2.0)),
+        "fwd: row pass xa alone": lambda: ops._launch_rowpass(x, a, xa, r),
+        "bwd: row pass dY@B + low-rank term of dX (as dispatched)": lambda: ops._launch_rowpass(
+            dy, b.t(), dyb, r, out=out, up=a, scaling=2.0, out_dropout=True),
+        "bwd: column pass dA + dB + dbias (+ finishing launch when split)": lambda: ops._launch_colpass(
+            x, dyb, dy, xa, r, **colpass),
         "triton x@W.T (no LoRA)": lambda: ops._launch_matmul(x, w.t(), out),
-        "triton dY@W (no LoRA)": lambda: ops._launch_matmul(dy, w, out),
-        "fwd: row pass xa": lambda: ops._launch_rowpass(x, a, xa, r),
-        "fwd: triton GEMM + s*xa@B.T epilogue": lambda: ops._launch_matmul(
-            x, w.t(), out, rank=r, lora_mode=1, l=xa, lr=b.t(), scaling=2.0),
-        "bwd: triton dX GEMM, dY@B in K loop (stored)": lambda: ops._launch_matmul(
+        "triton dX GEMM, dY@B in K loop (stored)": lambda: ops._launch_matmul(
             dy, w, out, rank=r, lora_mode=2, lb=b, lr=a, l=dyb, store_l=True, scaling=2.0),
-        "bwd: triton dX GEMM, dY@B loaded": lambda: ops._launch_matmul(
-            dy, w, out, rank=r, lora_mode=1, l=dyb, lr=a, scaling=2.0),
-        "bwd: row pass dY@B": lambda: ops._launch_rowpass(dy, b.t(), dyb, r),
-        "bwd: column pass dB + dbias": lambda: ops._launch_colpass(dy, r, other=xa, want_colsum=True, scaling=2.0),
-        "bwd: column pass dA": lambda: ops._launch_colpass(x, r, other=dyb, scaling=2.0),
-        "cublas path: low-rank epilogue kernel (K=0)": lambda: ops._launch_matmul(
-            x[:, :0], w.t()[:0], out, rank=r, lora_mode=1, l=xa, lr=b.t(), scaling=2.0),
-        "cublas path: addmm_ beta=1": lambda: out.addmm_(x, w.t()),
     }
     results = {}
     for name, fn in cases.items():
         fn()
         results[name] = measure(fn)
-        print(f"  {name:55s} {results[name]:.4f} ms", flush=True)
-    for name, tuner in (("matmul", ops._matmul_hopper), ("matmul", ops._matmul_default), ("rowpass", ops._rowpass_tuned),
-                        ("colpass", ops._colpass_tuned)):
-        for key, cfg in tuner.cache.items():
-            print(f"  best {name} {key[:8]}: {cfg}", flush=True)
+        print(f"  {name:58s} {results[name]:.4f} ms", flush=True)
+    for key, meta in ops._TUNED.items():
+        print(f"  tile config {key[0]} flags {key[2]} ints {key[3][:4]}: {meta}", flush=True)
     return results
 
 
-def profile(tokens, d, r, dtype=torch.bfloat16, iters=10):
+def launch_overhead(n=2000, device="cuda"):
+    """Host microseconds per launch of one small kernel by each mechanism, and of a few torch ops
+    for scale: what a call of the fused layer pays per step on this machine's CPU."""
+    dev = device
+    x = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(16, 64, device=dev, dtype=torch.bfloat16)
+    xa = torch.empty(64, 16, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
+    y = torch.empty(64, 64, device=dev, dtype=torch.bfloat16)
+    ops = lora_ops
+    meta = dict(ops._FIXED_META["rowpass"])
+    # The row pass alone (xa = x @ a.T), every argument by name.
+    kwargs = dict(in_ptr=x, proj_ptr=a, l_ptr=xa, out_ptr=x, up_ptr=x, bias_ptr=x, seed=0, p_drop=0.0,
+                  drop_scale=1.0, scaling=1.0, M=64, K=64, N=0, R=16, stride_im=64, stride_ik=1, stride_pr=64,
+                  stride_pk=1, stride_lm=16, stride_lr=1, stride_om=0, stride_on=0, stride_ur=0, stride_un=0,
+                  stride_bias=0, IN_DROPOUT=False, LOAD_L=False, STORE_L=True, EPILOGUE=False, OUT_DROPOUT=False,
+                  HAS_BIAS=False, R_PAD=16, UPCAST=ops._INTERPRETED, PRECISION="tf32")
+    grid = (-(-64 // meta["BLOCK_M"]),)
+    cases = {
+        "torch.empty": lambda: torch.empty((64, 16), device=dev, dtype=torch.bfloat16),
+        "torch addmm_ (cuBLAS)": lambda: y.addmm_(x, w.t()),
+        "triton JITFunction.run (fn[grid](...))": lambda: ops._lora_rowpass_kernel[grid](**kwargs, **meta),
+        "splitlora _launch (cached compiled kernel)": lambda: ops._launch_rowpass(x, a, xa, 16),
+    }
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    lines = []
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        sync()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n // 5):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / (n // 5) * 1e6)
+            sync()
+        lines.append(f"{name:45s} {best:7.2f} us per call (host)")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def cprofile_fused(tokens, d, r, dtype=torch.bfloat16, iters=200, top=25):
+    """Where the fused layer's host time goes: cProfile of fwd+bwd (default path), by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    methods, grad_out = build_methods(tokens, d, r, dtype, "cuda", paths=["cublas"])
+    buf = io.StringIO()
+    for name in ("fused", "layer"):
+        fn, params = methods[name]
+        call = lambda: torch.autograd.grad(fn(), params, grad_out)
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(iters):
+            call()
+        prof.disable()
+        wall = (time.perf_counter() - t0) / iters * 1e6
+        torch.cuda.synchronize()
+        buf.write(f"== {name} at {tokens}x{d} r{r}: {wall:.0f} us per fwd+bwd under cProfile\n")
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def profile(tokens, d, r, dtype=torch.bfloat16, iters=10, paths=None):
     """Device time per kernel (torch.profiler) of forward+backward for each method, and the host
     time one call takes to enqueue its work: tells slow kernels from launch overhead."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    methods, grad_out = build_methods(tokens, d, r, dtype, "cuda")
+    methods, grad_out = build_methods(tokens, d, r, dtype, "cuda", paths)
     lines = []
-    for name in ["base", *[m for m in methods if m.startswith("fused:")], "peft"]:
+    for name in ["base", "fused", *[m for m in methods if m.startswith("fused:")], "layer", "unfused", "peft"]:
         fn, params = methods[name]
         call = lambda: torch.autograd.grad(fn(), params, grad_out)
         call()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            call()
-        host_us = (time.perf_counter() - t0) / iters * 1e6
+        # Host time to enqueue: best of 5 bursts of `iters` calls, each burst starting with an idle
+        # GPU (the VM's CPU is noisy; the best burst is the least disturbed one).
+        host_us = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                call()
+            host_us = min(host_us, (time.perf_counter() - t0) / iters * 1e6)
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(iters):
@@ -241,7 +338,8 @@ def profile(tokens, d, r, dtype=torch.bfloat16, iters=10):
         events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
         events.sort(key=lambda e: -e.self_device_time_total)
         total = sum(e.self_device_time_total for e in events) / iters
-        lines.append(f"{name}: device {total:.0f} us per fwd+bwd, host enqueue {host_us:.0f} us per call")
+        lines.append(f"{tokens}x{d} r{r} {name}: device {total:.0f} us per fwd+bwd, "
+                     f"host enqueue {host_us:.0f} us per call")
         for e in events[:8]:
             lines.append(f"    {e.self_device_time_total / iters:8.1f} us  x{e.count // iters}  {e.key[:90]}")
     print("\n".join(lines), flush=True)
@@ -253,8 +351,18 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/bench", help="folder for lora_<device>.csv and .md")
     parser.add_argument("--quick", action="store_true", help="key case only")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated TOKENSxDxR list to run instead of the sweep, "
+                             "e.g. 8192x4096x16,2048x768x16")
+    parser.add_argument("--paths", default=None,
+                        help="CUDA: comma-separated subset of the fused:<path> methods (default: all CUDA_PATHS)")
     parser.add_argument("--profile", action="store_true",
-                        help="CUDA: per-kernel device times of fwd+bwd at the key case (profile.txt)")
+                        help="CUDA: per shape, GPU time of fwd+bwd and host enqueue time per method (profile.txt)")
+    parser.add_argument("--cprofile", nargs="?", const="first", default=None, metavar="TOKENSxDxR",
+                        help="CUDA: cProfile of the fused layer's fwd+bwd at this shape (default: the first one) "
+                             "(cprofile.txt)")
+    parser.add_argument("--launch-overhead", action="store_true",
+                        help="CUDA: host time of one kernel launch by each mechanism (launch.txt)")
     parser.add_argument("--breakdown", action="store_true",
                         help="CUDA: also time each kernel alone at the key case (written to breakdown.csv)")
     args = parser.parse_args(argv)
@@ -272,9 +380,18 @@ def main(argv=None):
           f"default CUDA path {lora_ops.DEFAULT_CUDA_PATH}", flush=True)
     rows, errors = [], {}
     csv_path = out / f"lora_{args.device}.csv"
-    for tokens, d, r in shapes(args.device, args.quick):
+    if args.device == "cuda" and args.launch_overhead:
+        print("\nhost time per launch:")
+        (out / "launch.txt").write_text("\n".join(launch_overhead()) + "\n")
+    grid = shapes(args.device, args.quick)
+    if args.shapes:
+        grid = [tuple(int(v) for v in item.split("x")) for item in args.shapes.split(",")]
+    profile_lines = []
+    paths = args.paths.split(",") if args.paths else None
+    for tokens, d, r in grid:
         t0 = time.time()
-        shape_rows, errors[(tokens, d, r)] = bench_shape(tokens, d, r, dtype, args.device, timer(args.device))
+        shape_rows, errors[(tokens, d, r)] = bench_shape(tokens, d, r, dtype, args.device, timer(args.device),
+                                                         paths=paths)
         rows += shape_rows
         by = {(x["mode"], x["method"]): x["ms"] for x in shape_rows}
         summary = "  ".join(f"{mode}: " + " ".join(f"{m}={by[(mode, m)]:.3f}" for m in
@@ -290,11 +407,18 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(rows)
         (out / f"lora_{args.device}.md").write_text(markdown(rows, errors, args.device) + "\n")
+        if args.device == "cuda" and args.profile:
+            print(f"\nprofile of fwd+bwd at tokens={tokens} d={d} r={r}:")
+            profile_lines += profile(tokens, d, r, paths=paths) + [""]
+            (out / "profile.txt").write_text("\n".join(profile_lines) + "\n")
+        cprofile_at = grid[0] if args.cprofile == "first" else (
+            tuple(int(v) for v in args.cprofile.split("x")) if args.cprofile else None)
+        if args.device == "cuda" and (tokens, d, r) == cprofile_at:
+            text = cprofile_fused(tokens, d, r)
+            (out / "cprofile.txt").write_text(text)
+            print("\n".join(text.splitlines()[:40]), flush=True)
         if (tokens, d, r) == KEY_CASE and args.device == "cuda":
-            # Right after the key case, so a time-limited run still reports them.
-            if args.profile:
-                print(f"\nprofile of fwd+bwd at tokens={KEY_CASE[0]} d={KEY_CASE[1]} r={KEY_CASE[2]}:")
-                (out / "profile.txt").write_text("\n".join(profile(*KEY_CASE)) + "\n")
+            # Right after the key case, so a time-limited run still reports it.
             if args.breakdown:
                 print(f"\nper-kernel breakdown at tokens={KEY_CASE[0]} d={KEY_CASE[1]} r={KEY_CASE[2]}:")
                 parts = breakdown(*KEY_CASE)

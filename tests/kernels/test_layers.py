@@ -97,11 +97,16 @@ def test_forward_and_grads_match_peft(kind, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", [None, "cublas", "triton"], ids=["default", "cublas", "triton"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_forward_and_grads_match_peft_cuda(kind, dtype):
-    # On CUDA FusedLoRALinear runs the Triton kernels; PEFT runs cuBLAS. float32 matmuls may use TF32
-    # in either, hence the bf16-like tolerance for float32 here.
+def test_forward_and_grads_match_peft_cuda(monkeypatch, path, kind, dtype):
+    # On CUDA FusedLoRALinear runs the Triton kernels (the default path, and each fused path forced
+    # through SPLITLORA_LORA_PATH, Conv1D's transposed weight included); PEFT runs cuBLAS. float32
+    # matmuls may use TF32 in either, hence the bf16-like tolerance for float32 here.
+    if path is not None:
+        monkeypatch.setenv("SPLITLORA_LORA_PATH", path)
+    monkeypatch.setenv("SPLITLORA_TRITON_AUTOTUNE", "0")  # one tile config: no minutes of autotuning
     if dtype == torch.float32:
         tol = dict(atol=2e-2, rtol=2e-2)
         peft_layer, ours = make_pair(kind, dtype, "cuda")

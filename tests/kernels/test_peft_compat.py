@@ -1,4 +1,5 @@
 """PEFT interop: from_peft, save_peft_adapter (read by PEFT) and load_peft_adapter (of PEFT's files)."""
+import copy
 import json
 
 import pytest
@@ -358,17 +359,22 @@ def test_load_peft_adapter_bad_tensors(gpt2_adapter, build_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_from_peft_cuda_bfloat16(arch, token_ids, build_model, lora_targets):
-    # Triton kernels (bf16 adapters cast from PEFT's float32 ones) against PEFT on cuBLAS: logits and
-    # LoRA gradients agree to bf16 rounding through two layers.
+    # Triton kernels (bf16 adapters cast from PEFT's float32 ones) against PEFT on cuBLAS, both in
+    # bf16: logits agree to bf16 rounding. LoRA gradients are moved by bf16 rounding through two
+    # layers by a few percent on either side (PEFT's own reach 3-5% on some modules), so each side
+    # is measured against a float32 oracle (PEFT in float32 on the same rounded weights): ours
+    # must be about as close to it as PEFT's bf16 gradients are.
     pm = peft_wrap(build_model(arch, dtype=torch.bfloat16).cuda(), arch, lora_targets).eval()
     ids = token_ids.cuda()
     want = logits(pm, ids)
-    want_grads = lora_grads(pm, ids, strip="base_model.model.")
+    oracle = lora_grads(copy.deepcopy(pm).float(), ids, strip="base_model.model.")
+    peft_grads = lora_grads(pm, ids, strip="base_model.model.")
     model = from_peft(pm)
     torch.testing.assert_close(logits(model, ids).float(), want.float(), atol=5e-2, rtol=5e-2)
     got_grads = lora_grads(model, ids)
-    for name, pair in want_grads.items():
+    for name, pair in oracle.items():
         for which in ("lora_A", "lora_B"):
-            g, w = got_grads[name][which], pair[which]
-            # Relative to the gradient's scale: individual entries near zero carry bf16 noise.
-            assert (g - w).norm() <= 5e-2 * w.norm() + 1e-6, f"{name}.{which}"
+            ref = pair[which].float()
+            err_ours = ((got_grads[name][which].float() - ref).norm() / ref.norm()).item()
+            err_peft = ((peft_grads[name][which].float() - ref).norm() / ref.norm()).item()
+            assert err_ours <= 2 * err_peft + 1e-2, f"{name}.{which}: {err_ours:.3g} from float32, PEFT {err_peft:.3g}"
