@@ -1,9 +1,9 @@
 """Run configuration: nested dataclasses, YAML loading, ``key=value`` overrides, validation.
 
 A config file is YAML whose sections mirror the dataclasses below (``model``, ``data``, ``lora``,
-``train``, ``codec``, ``network``, ``eval``); every key is optional and falls back to the default
-shown here, so ``load_config()`` with no file is the demo run (also written out, with comments,
-in ``configs/demo.yaml``). Overrides use dotted keys and YAML values::
+``train``, ``codec``, ``network``, ``eval``, ``fedcybgd``); every key is optional and falls back to
+the default shown here, so ``load_config()`` with no file is the demo run (also written out, with
+comments, in ``configs/demo.yaml``). Overrides use dotted keys and YAML values::
 
     load_config("configs/demo.yaml", ["train.steps=50", "lora.client.target_modules=[c_attn,c_proj]",
                                       "model.config.n_layer=6", "train.max_grad_norm=null"])
@@ -45,12 +45,13 @@ __all__ = [
     "STRATEGIES", "SPLIT_STRATEGIES", "DEVICES", "TRANSPORTS", "DTYPES", "DATA_SOURCES", "PARTITIONS",
     "OPTIMIZERS", "CODEC_BITS", "MIN_GROUP_SIZE", "MAX_GROUP_SIZE", "DEFAULT_MODEL_CONFIG",
     "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "LoraSideConfig", "LoraConfig",
-    "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig",
+    "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig", "FedCyBGDConfig",
+    "FEDCYBGD_ORDERS", "FEDCYBGD_BLOCKS", "FEDCYBGD_DOWNLOADS", "FEDCYBGD_DOWNLOAD_BITS",
     "load_config", "config_from_dict", "config_to_dict", "dump_config", "apply_overrides",
     "validate", "validate_model_layers",
 ]
 
-STRATEGIES = ("splitlora", "sl", "fedlora", "centralized")
+STRATEGIES = ("splitlora", "sl", "fedlora", "centralized", "fedcybgd")
 # Strategies that cut the model between a client and a server (the ones u_shape applies to).
 SPLIT_STRATEGIES = ("splitlora", "sl")
 DEVICES = ("cpu", "cuda", "auto")
@@ -59,6 +60,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("synthetic", "e2e")
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("adamw", "sgd")
+# strategy fedcybgd: order of the block cycle, what a block is, how updated blocks come down.
+FEDCYBGD_ORDERS = ("ascending", "descending", "random")
+FEDCYBGD_BLOCKS = ("layers", "all")
+FEDCYBGD_DOWNLOADS = ("full", "subset", "quantized")
+FEDCYBGD_DOWNLOAD_BITS = (16, 8, 4, 2)
 # 32 = no compression (fp32 on the wire); the others are the codec's bit widths.
 CODEC_BITS = (32, 16, 8, 4, 2)
 # Same limits as the codec (splitlora.codec_reference); repeated so this module imports no torch.
@@ -189,6 +195,24 @@ class EvalConfig:
 
 
 @dataclass
+class FedCyBGDConfig:
+    """strategy fedcybgd (full-parameter cycle block descent); ignored by the other strategies."""
+
+    # The cycle over blocks: ascending, descending, or a fresh random permutation each cycle.
+    order: str = "ascending"
+    # Blocks each client trains per round (consecutive in the cycle).
+    blocks_per_client: int = 1
+    # layers: one block per decoder layer; all: also the embeddings and the final norm + LM head.
+    blocks: str = "layers"
+    # full: every updated block; subset: a random download_fraction of them (the rest later);
+    # quantized: weight matrices quantized by the codec to download_bits (in groups of download_group_size).
+    download: str = "full"
+    download_fraction: float = 0.5
+    download_bits: int = 8
+    download_group_size: int = 64
+
+
+@dataclass
 class RunConfig:
     strategy: str = "splitlora"
     seed: int = 0
@@ -203,6 +227,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fedcybgd: FedCyBGDConfig = field(default_factory=FedCyBGDConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,6 +508,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     e = cfg.eval
     for key in ("max_new_tokens", "num_beams", "max_sources", "batch_size"):
         at_least(f"eval.{key}", getattr(e, key), 1)
+
+    fc = cfg.fedcybgd
+    one_of("fedcybgd.order", fc.order, FEDCYBGD_ORDERS)
+    at_least("fedcybgd.blocks_per_client", fc.blocks_per_client, 1)
+    one_of("fedcybgd.blocks", fc.blocks, FEDCYBGD_BLOCKS)
+    one_of("fedcybgd.download", fc.download, FEDCYBGD_DOWNLOADS)
+    if not (math.isfinite(fc.download_fraction) and 0.0 < fc.download_fraction <= 1.0):
+        errors.append(f"fedcybgd.download_fraction: must be in (0, 1], got {fc.download_fraction!r}")
+    one_of("fedcybgd.download_bits", fc.download_bits, FEDCYBGD_DOWNLOAD_BITS)
+    if not (_is_power_of_two(fc.download_group_size) and MIN_GROUP_SIZE <= fc.download_group_size <= MAX_GROUP_SIZE):
+        errors.append(f"fedcybgd.download_group_size: must be a power of two from {MIN_GROUP_SIZE} to "
+                      f"{MAX_GROUP_SIZE} (16, 32, 64, ...), got {fc.download_group_size}")
 
     if errors:
         raise ConfigError(errors)

@@ -1,10 +1,11 @@
 """Training strategies behind one interface (`Strategy`): the same setup, data and seed for each."""
 from .base import Side, StepResult, Strategy, TrainSetup, causal_lm_loss
 from .centralized import Centralized
+from .fedcybgd import FedCyBGD
 from .fedlora import FedLoRA
 from .splitfed import SplitLoRA, VanillaSL
 
-STRATEGY_CLASSES = {cls.name: cls for cls in (SplitLoRA, VanillaSL, FedLoRA, Centralized)}
+STRATEGY_CLASSES = {cls.name: cls for cls in (SplitLoRA, VanillaSL, FedLoRA, Centralized, FedCyBGD)}
 
 
 def make_strategy(setup: TrainSetup) -> Strategy:
@@ -17,4 +18,4 @@ def make_strategy(setup: TrainSetup) -> Strategy:
 
 
 __all__ = ["STRATEGY_CLASSES", "make_strategy", "Strategy", "TrainSetup", "StepResult", "Side", "causal_lm_loss",
-           "SplitLoRA", "VanillaSL", "FedLoRA", "Centralized"]
+           "SplitLoRA", "VanillaSL", "FedLoRA", "Centralized", "FedCyBGD"]
