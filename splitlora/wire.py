@@ -80,7 +80,9 @@ class TensorStream:
         if not self.settings.compressed:
             out = unpack_tensors(packet, packet.device)["x"]
         else:
-            out = codec.decompress(packet)
+            # Decode where the tensor is needed (e.g. a packet that came through host memory
+            # decodes on the GPU).
+            out = codec.decompress(packet if device is None else packet.to(device))
         return out.to(device=device or out.device, dtype=dtype or out.dtype)
 
     def state_dict(self) -> dict:

@@ -8,6 +8,8 @@ move, and `flush()` waits for them at the end of a step. Every receive waits at 
 naming the peer's rank and the step.
 
 gloo carries CPU tensors; NCCL carries CUDA tensors (packets are moved to the GPU for NCCL).
+NCCL is used when every rank can have a GPU of its own; ranks that would share a GPU (NCCL
+refuses that) use gloo, with packets crossing host memory.
 There is no authentication in torch.distributed: run it on a private network or a VPN.
 """
 from __future__ import annotations
@@ -180,8 +182,11 @@ def init_distributed(*, world_size_expected: int, timeout_s: float, device: torc
         raise ValueError(f"train.clients + 1 = {world_size_expected} processes are needed (one server, one per client), "
                          f"but WORLD_SIZE is {world_size}; set --nproc-per-node (x --nnodes) to {world_size_expected}")
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
+        # NCCL needs a GPU of its own per rank; parties sharing a GPU talk through gloo instead
+        # (packets are small and cross host memory, as they would cross a network).
+        backend = "gloo"
+        if device.type == "cuda" and torch.cuda.device_count() >= world_size:
+            backend = "nccl"
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=max(timeout_s, 10.0)))
     return dist.get_rank()
