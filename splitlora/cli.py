@@ -177,6 +177,10 @@ def run_export(args: argparse.Namespace) -> int:
     from splitlora.trainer import export_adapter, load_run
 
     built, strategy, step = load_run(args.run_dir)
+    if hasattr(strategy, "export_model"):
+        strategy.export_model(Path(args.out_dir))
+        print(f"wrote the fine-tuned model of step {step} (save_pretrained) to {args.out_dir}")
+        return 0
     path = export_adapter(strategy, built, Path(args.out_dir))
     print(f"wrote the merged client+server adapters of step {step} in PEFT format to {path}")
     return 0

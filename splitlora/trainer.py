@@ -10,6 +10,7 @@ ends exactly where an uninterrupted run would have.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -118,6 +119,10 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
         (client, server), tail = split_model(model, cfg.model.cut_layer), None
     lc, ls = cfg.lora.client, cfg.lora.server
     segments = [s for s in (client, server, tail) if s is not None]
+    if cfg.strategy == "fedcybgd":
+        # Full-parameter training: the LoRA settings do not apply; adapters only where they exist.
+        lc = dataclasses.replace(lc, target_modules=_existing(segments, lc.target_modules))
+        ls = dataclasses.replace(ls, target_modules=_existing(segments, ls.target_modules))
     check_targets_exist(segments, lc.target_modules, "lora.client.target_modules")
     check_targets_exist(segments, ls.target_modules, "lora.server.target_modules")
     # Adapters' initial values are seeded per module: the same for every strategy and cut.
@@ -141,6 +146,11 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
         role=role,
     )
     return Built(cfg, device, tokenizer, train_examples, eval_examples, train_data, eval_data, setup)
+
+
+def _existing(segments, targets):
+    names = [n for seg in segments for n, _ in seg.named_modules()]
+    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
 class MetricsLog:
@@ -335,7 +345,8 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
                                "sim_time_s": totals["sim_time_s"], "wall_time_s": totals["wall_time_s"],
                                "client_compute_s": result.client_compute_s,
                                "server_compute_s": result.server_compute_s,
-                               "bytes": ledger.total() - before, "bytes_total": ledger.total()})
+                               "bytes": ledger.total() - before, "bytes_total": ledger.total(),
+                               **result.extra})
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.3f}", sent=_fmt_bytes(ledger.total()))
                 if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
@@ -369,7 +380,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
         return {}
     final = evaluate(strategy, built, generate=cfg.eval.generate)
     metrics.write({"type": "eval", "step": t.steps - 1, "sim_time_s": totals["sim_time_s"], **final})
-    adapter_dir = export_adapter(strategy, built, out / "adapter")
+    adapter_dir = export_result(strategy, built, out)
     _plot(metrics.read(), out / "loss.png", title=f"{cfg.strategy} ({_codec_name(cfg)})")
 
     ledger = _ledger(transport)
@@ -387,16 +398,21 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
         "bytes_by_kind": {k: ledger.total(kind=k) for k in ("activations", "gradients", "labels", "adapters")},
         "bytes_total": ledger.total(),
         **totals,
-        "trainable_params": {
-            "client": count_params(setup.client, trainable_only=True) + (
-                count_params(setup.tail, trainable_only=True) if setup.tail is not None else 0),
-            "server": count_params(setup.server, trainable_only=True),
-        },
+        "trainable_params": _trainable_params(strategy, setup),
         "peak_memory_bytes": peak_memory_bytes(built.device),
         "adapter": str(adapter_dir),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def export_result(strategy, built: Built, out: Path) -> Path:
+    """What a run hands over: the PEFT adapter for LoRA strategies (`adapter/`), the whole
+    fine-tuned model for full-parameter ones (`model/`, save_pretrained)."""
+    if hasattr(strategy, "export_model"):
+        strategy.export_model(out / "model")
+        return out / "model"
+    return export_adapter(strategy, built, out / "adapter")
 
 
 def export_adapter(strategy, built: Built, path: Path) -> Path:
@@ -438,9 +454,19 @@ def load_run(run_dir: str | Path, *, log: Callable[[str], None] = print):
     return built, strategy, step
 
 
+def _trainable_params(strategy, setup) -> dict:
+    if hasattr(strategy, "memory_report"):  # full-parameter strategies report their own
+        return strategy.memory_report()
+    return {
+        "client": count_params(setup.client, trainable_only=True) + (
+            count_params(setup.tail, trainable_only=True) if setup.tail is not None else 0),
+        "server": count_params(setup.server, trainable_only=True),
+    }
+
+
 def _codec_name(cfg) -> str:
     bits = cfg.codec.bits
-    if cfg.strategy in ("fedlora", "centralized"):
+    if cfg.strategy in ("fedlora", "centralized", "fedcybgd"):
         return "no cut"
     name = "fp32" if bits == 32 else ("bf16" if bits == 16 else f"int{bits}")
     if cfg.codec.error_feedback and bits < 16:

@@ -230,6 +230,24 @@ def test_cli_trains_the_shipped_config(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"] == "fedcybgd" and summary["eval_loss"] > 0
     assert summary["bytes_by_kind"]["adapters"] == summary["bytes_total"] > 0
+    assert summary["codec"] == "no cut"
+    # A full-parameter run hands over the fine-tuned model, which reloads to the run's own logits.
+    from transformers import AutoModelForCausalLM
+
+    from splitlora.trainer import load_run
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    built, strategy, _ = load_run(out, log=lambda *_: None)
+    batch = built.eval_data.batch(list(range(2)))
+    strategy.train(False)
+    with torch.no_grad():
+        expected = strategy.logits_fn()(batch["input_ids"], batch["attention_mask"])
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    # Per-step memory of a client (one block) next to full-model federated fine-tuning's.
+    step_rows = [r for r in steps if r["type"] == "step"]
+    assert all(0 < r["trainable_params"] < r["full_model_trainable_params"] for r in step_rows)
 
 
 def test_state_mid_round_restores_the_private_blocks_and_optimizers(tmp_path):
