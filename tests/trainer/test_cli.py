@@ -54,21 +54,30 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-def test_llama_config_trains_on_e2e(tmp_path, shared_data):
-    # The shipped Llama-shaped config, shrunk so it runs in seconds, on the E2E data with the GPT-2 tokenizer.
-    out = tmp_path / "llama"
-    args = ["train", "--config", "configs/llama-e2e.yaml", "--no-progress", f"output_dir={out}",
+SHRINK = {
+    "llama-e2e": ["model.config.num_hidden_layers=3", "model.config.hidden_size=32",
+                  "model.config.intermediate_size=64", "model.config.num_attention_heads=4",
+                  "model.config.num_key_value_heads=2"],
+    "gpt2-medium-e2e": ["model.config.n_layer=4", "model.config.n_embd=32", "model.config.n_head=2"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHRINK))
+def test_shipped_e2e_configs_train(tmp_path, shared_data, name):
+    # A shipped config, its model shrunk so it runs in seconds, on the E2E data with the GPT-2 tokenizer.
+    out = tmp_path / name
+    args = ["train", "--config", f"configs/{name}.yaml", "--no-progress", f"output_dir={out}",
             f"data.train_path={shared_data}/e2e/valid.txt", f"data.eval_path={shared_data}/e2e/testset_w_refs.csv",
             f"data.tokenizer={shared_data}/gpt2-tokenizer", "data.num_train=32", "data.num_eval=8",
-            "model.config.num_hidden_layers=3", "model.config.hidden_size=32", "model.config.intermediate_size=64",
-            "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2", "model.cut_layer=1",
+            *SHRINK[name], "model.cut_layer=1",
             "train.clients=2", "train.batch_size=2", "train.steps=2", "train.aggregate_every=1",
-            "eval.max_sources=2", "eval.max_new_tokens=4", "device=cpu"]
+            "eval.max_sources=2", "eval.max_new_tokens=4", "eval.num_beams=2", "device=cpu"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bytes_by_kind"]["activations"] > 0 and summary["eval_loss"] > 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert set(config["target_modules"]) >= {"q_proj", "v_proj"} or "q_proj" in str(config["target_modules"])
+    expected = {"llama-e2e": {"q_proj", "v_proj"}, "gpt2-medium-e2e": {"c_attn"}}[name]
+    assert expected <= set(config["target_modules"]), config["target_modules"]
 
 
 @pytest.mark.slow
