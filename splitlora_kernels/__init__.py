@@ -12,6 +12,8 @@ _EXPORTS = {
     "from_peft": "splitlora_kernels.peft_compat",
     "save_peft_adapter": "splitlora_kernels.peft_compat",
     "load_peft_adapter": "splitlora_kernels.peft_compat",
+    "multi_lora_linear": "splitlora_kernels.ops.multi_lora",
+    "offsets_from_sizes": "splitlora_kernels.ops.multi_lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,6 +9,15 @@ from .lora_linear import (
     lora_linear_triton,
 )
 from .reference import check_lora_linear_args, lora_linear_reference
+from .multi_lora import (
+    MultiLoRALinearFunction,
+    check_multi_lora_args,
+    multi_lora_linear,
+    multi_lora_linear_backend,
+    multi_lora_linear_reference,
+    multi_lora_linear_triton,
+    offsets_from_sizes,
+)
 
 __all__ = [
     "LoRALinearFunction",
@@ -19,4 +28,11 @@ __all__ = [
     "lora_linear_backend",
     "lora_linear_reference",
     "lora_linear_triton",
+    "MultiLoRALinearFunction",
+    "check_multi_lora_args",
+    "multi_lora_linear",
+    "multi_lora_linear_backend",
+    "multi_lora_linear_reference",
+    "multi_lora_linear_triton",
+    "offsets_from_sizes",
 ]
