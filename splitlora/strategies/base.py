@@ -1,7 +1,6 @@
 """What every strategy shares: the training setup, losses, optimizers, timing and state."""
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aggregate import fedavg
-from ..timemodel import TimeModel, forward_flops, train_flops
+from ..timemodel import TimeModel, forward_flops
 from ..transport import SERVER, Transport, client_name
 from ..wire import CodecSettings, TensorStream, pack_tensors, unpack_tensors
 
@@ -245,6 +244,3 @@ class Strategy:
     def train(self, mode: bool = True) -> None:
         raise NotImplementedError
 
-
-def is_nan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from splitlora.adapters import adapter_state, whole_model_names
+from splitlora.adapters import adapter_state
 from splitlora.strategies import make_strategy
-from splitlora.trainer import build, evaluate, export_adapter, train
+from splitlora.trainer import build, evaluate, train
 from splitlora.wire import unpack_tensors
 from trainer_testutil import tiny_config
 
