@@ -1,9 +1,9 @@
 """Run configuration: nested dataclasses, YAML loading, ``key=value`` overrides, validation.
 
 A config file is YAML whose sections mirror the dataclasses below (``model``, ``data``, ``lora``,
-``train``, ``codec``, ``network``, ``eval``, ``fedcybgd``); every key is optional and falls back to
-the default shown here, so ``load_config()`` with no file is the demo run (also written out, with
-comments, in ``configs/demo.yaml``). Overrides use dotted keys and YAML values::
+``train``, ``codec``, ``network``, ``eval``, ``fedcybgd``, ``hsplitlora``); every key is optional and
+falls back to the default shown here, so ``load_config()`` with no file is the demo run (also
+written out, with comments, in ``configs/demo.yaml``). Overrides use dotted keys and YAML values::
 
     load_config("configs/demo.yaml", ["train.steps=50", "lora.client.target_modules=[c_attn,c_proj]",
                                       "model.config.n_layer=6", "train.max_grad_norm=null"])
@@ -47,11 +47,12 @@ __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "LoraSideConfig", "LoraConfig",
     "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig", "FedCyBGDConfig",
     "FEDCYBGD_ORDERS", "FEDCYBGD_BLOCKS", "FEDCYBGD_DOWNLOADS", "FEDCYBGD_DOWNLOAD_BITS",
+    "HSplitLoRAConfig", "HSPLITLORA_AGGREGATIONS", "HSPLITLORA_IMPORTANCE", "HSPLITLORA_DEVICE_KEYS",
     "load_config", "config_from_dict", "config_to_dict", "dump_config", "apply_overrides",
     "validate", "validate_model_layers",
 ]
 
-STRATEGIES = ("splitlora", "sl", "fedlora", "centralized", "fedcybgd")
+STRATEGIES = ("splitlora", "sl", "fedlora", "centralized", "fedcybgd", "hsplitlora")
 # Strategies that cut the model between a client and a server (the ones u_shape applies to).
 SPLIT_STRATEGIES = ("splitlora", "sl")
 DEVICES = ("cpu", "cuda", "auto")
@@ -65,6 +66,10 @@ FEDCYBGD_ORDERS = ("ascending", "descending", "random")
 FEDCYBGD_BLOCKS = ("layers", "all")
 FEDCYBGD_DOWNLOADS = ("full", "subset", "quantized")
 FEDCYBGD_DOWNLOAD_BITS = (16, 8, 4, 2)
+# strategy hsplitlora: how unequal client ranks are aggregated, and what a device class may say.
+HSPLITLORA_AGGREGATIONS = ("stacked", "zero_pad")
+HSPLITLORA_IMPORTANCE = ("sensitivity", "gradient")
+HSPLITLORA_DEVICE_KEYS = ("count", "tflops", "memory_gib", "bandwidth_mbps", "latency_ms")
 # 32 = no compression (fp32 on the wire); the others are the codec's bit widths.
 CODEC_BITS = (32, 16, 8, 4, 2)
 # Same limits as the codec (splitlora.codec_reference); repeated so this module imports no torch.
@@ -213,6 +218,42 @@ class FedCyBGDConfig:
 
 
 @dataclass
+class HSplitLoRAConfig:
+    """strategy hsplitlora (heterogeneous clients: per-client cut and LoRA ranks); ignored by the others."""
+
+    # Classes of client devices, given to the clients in order: {class name: {count, tflops,
+    # memory_gib, bandwidth_mbps, latency_ms}}. count defaults to 1; tflops, bandwidth_mbps and
+    # latency_ms to network.client_tflops / bandwidth_mbps / latency_ms; memory_gib to no limit.
+    # The counts must add up to train.clients. Empty: every client is network.* with no memory limit.
+    devices: dict = field(default_factory=dict)
+    # The cut layers a client may be given (the deepest one its budget allows: deeper for stronger
+    # clients); null: model.cut_layer. Both equal: one cut for every client.
+    min_cut_layer: int | None = None
+    max_cut_layer: int | None = None
+    # Bounds of the LoRA rank of every adapted weight of a client.
+    min_rank: int = 1
+    max_rank: int = 16
+    # A deadline for one client step (its compute to the cut and back, activations up and gradients
+    # down); a client's ranks, then its cut, are lowered until its estimate fits. null: no deadline.
+    step_time_s: float | None = None
+    # Importance of an adapted weight: an exponential moving average (importance_beta) over steps of
+    # sensitivity: AdaLoRA's |A * dA| + |B * dB| (zero while B = 0, i.e. at the first step of every
+    # round: needs rounds of several steps), or gradient: |dA|^2 + |dB|^2 (Fisher information of the
+    # adapter); per rank. Aggregated over the clients every importance_every rounds.
+    importance: str = "sensitivity"
+    importance_beta: float = 0.85
+    importance_every: int = 1
+    # Reconfigure the ranks when the importance ranking moved by more than this normalized Kendall
+    # tau distance (share of module pairs whose order changed, 0..1) since the last configuration.
+    reconfigure_threshold: float = 0.1
+    # stacked: noise-free (the weighted mean of the clients' updates, folded into the base weights);
+    # zero_pad: HetLoRA's zero-padded averaging of A and B (the baseline).
+    aggregation: str = "stacked"
+    # Rank of the exported client adapters (the folded update, by SVD); null: exact (its numerical rank).
+    export_rank: int | None = None
+
+
+@dataclass
 class RunConfig:
     strategy: str = "splitlora"
     seed: int = 0
@@ -228,6 +269,7 @@ class RunConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fedcybgd: FedCyBGDConfig = field(default_factory=FedCyBGDConfig)
+    hsplitlora: HSplitLoRAConfig = field(default_factory=HSplitLoRAConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,9 +563,82 @@ def validate(cfg: RunConfig) -> RunConfig:
         errors.append(f"fedcybgd.download_group_size: must be a power of two from {MIN_GROUP_SIZE} to "
                       f"{MAX_GROUP_SIZE} (16, 32, 64, ...), got {fc.download_group_size}")
 
+    _validate_hsplitlora(cfg, errors)
+
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def _validate_hsplitlora(cfg: RunConfig, errors: list[str]) -> None:
+    h = cfg.hsplitlora
+    p = "hsplitlora"
+
+    def number(key: str, value: Any, low: float, strict: bool, integer: bool = False) -> None:
+        ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value > low if strict else value >= low)
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            errors.append(f"{key}: must be {kind} {'>' if strict else '>='} {low}, got {_describe(value)}")
+
+    for key in ("min_cut_layer", "max_cut_layer"):
+        if getattr(h, key) is not None:
+            number(f"{p}.{key}", getattr(h, key), 1, False, integer=True)
+    low = cfg.model.cut_layer if h.min_cut_layer is None else h.min_cut_layer
+    high = cfg.model.cut_layer if h.max_cut_layer is None else h.max_cut_layer
+    if isinstance(low, int) and isinstance(high, int) and high < low:
+        errors.append(f"{p}.max_cut_layer: must be >= {p}.min_cut_layer ({low}; null means model.cut_layer), "
+                      f"got {high}")
+    elif cfg.strategy == "hsplitlora" and high != low and h.aggregation == "zero_pad":
+        errors.append(f"{p}.aggregation: zero_pad needs one cut for every client "
+                      f"({p}.min_cut_layer = {p}.max_cut_layer); use stacked")
+    number(f"{p}.min_rank", h.min_rank, 1, False, integer=True)
+    number(f"{p}.max_rank", h.max_rank, 1, False, integer=True)
+    if isinstance(h.min_rank, int) and isinstance(h.max_rank, int) and h.max_rank < h.min_rank:
+        errors.append(f"{p}.max_rank: must be >= {p}.min_rank ({h.min_rank}), got {h.max_rank}")
+    if h.step_time_s is not None:
+        number(f"{p}.step_time_s", h.step_time_s, 0, True)
+    if h.importance not in HSPLITLORA_IMPORTANCE:
+        errors.append(f"{p}.importance: {_describe(h.importance)} is not allowed; choose one of "
+                      f"{', '.join(HSPLITLORA_IMPORTANCE)}")
+    if not (math.isfinite(h.importance_beta) and 0.0 <= h.importance_beta < 1.0):
+        errors.append(f"{p}.importance_beta: must be in [0, 1), got {h.importance_beta!r}")
+    number(f"{p}.importance_every", h.importance_every, 1, False, integer=True)
+    if not (math.isfinite(h.reconfigure_threshold) and 0.0 <= h.reconfigure_threshold <= 1.0):
+        errors.append(f"{p}.reconfigure_threshold: must be in [0, 1] (a share of module pairs), "
+                      f"got {h.reconfigure_threshold!r}")
+    if h.aggregation not in HSPLITLORA_AGGREGATIONS:
+        errors.append(f"{p}.aggregation: {_describe(h.aggregation)} is not allowed; choose one of "
+                      f"{', '.join(HSPLITLORA_AGGREGATIONS)}")
+    if h.export_rank is not None:
+        number(f"{p}.export_rank", h.export_rank, 1, False, integer=True)
+
+    total = 0
+    for name, spec in h.devices.items():
+        key = f"{p}.devices.{name}"
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            errors.append(f"{key}: expected a mapping of {', '.join(HSPLITLORA_DEVICE_KEYS)}, got {_describe(spec)}")
+            continue
+        for k in spec:
+            if k not in HSPLITLORA_DEVICE_KEYS:
+                errors.append(f"{key}.{k}: unknown key; valid keys of a device class: "
+                              f"{', '.join(HSPLITLORA_DEVICE_KEYS)}")
+        count = spec.get("count", 1)
+        number(f"{key}.count", count, 1, False, integer=True)
+        if isinstance(count, int) and not isinstance(count, bool):
+            total += count
+        for k in ("tflops", "bandwidth_mbps"):
+            if spec.get(k) is not None:
+                number(f"{key}.{k}", spec[k], 0, True)
+        if spec.get("memory_gib") is not None:
+            number(f"{key}.memory_gib", spec["memory_gib"], 0, True)
+        if spec.get("latency_ms") is not None:
+            number(f"{key}.latency_ms", spec["latency_ms"], 0, False)
+    if cfg.strategy == "hsplitlora" and h.devices and total != cfg.train.clients:
+        errors.append(f"{p}.devices: the counts of the device classes add up to {total} clients but "
+                      f"train.clients is {cfg.train.clients}; make them equal")
 
 
 def validate_model_layers(cfg: RunConfig, num_layers: int) -> int:

@@ -284,6 +284,8 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     built = build(cfg, log=log, role=role)
     setup = built.setup
     strategy = make_strategy(setup)
+    # Models load in eval mode; training runs in train mode (LoRA dropout on).
+    strategy.train(True)
     if role is not None:
         # This process's global generator is its party's stream (see PartyRNG).
         torch.set_rng_state(PartyRNG.initial_state(cfg.seed, role))

@@ -3,9 +3,10 @@ from .base import Side, StepResult, Strategy, TrainSetup, causal_lm_loss
 from .centralized import Centralized
 from .fedcybgd import FedCyBGD
 from .fedlora import FedLoRA
+from .hsplitlora import HSplitLoRA
 from .splitfed import SplitLoRA, VanillaSL
 
-STRATEGY_CLASSES = {cls.name: cls for cls in (SplitLoRA, VanillaSL, FedLoRA, Centralized, FedCyBGD)}
+STRATEGY_CLASSES = {cls.name: cls for cls in (SplitLoRA, VanillaSL, FedLoRA, Centralized, FedCyBGD, HSplitLoRA)}
 
 
 def make_strategy(setup: TrainSetup) -> Strategy:
@@ -18,4 +19,4 @@ def make_strategy(setup: TrainSetup) -> Strategy:
 
 
 __all__ = ["STRATEGY_CLASSES", "make_strategy", "Strategy", "TrainSetup", "StepResult", "Side", "causal_lm_loss",
-           "SplitLoRA", "VanillaSL", "FedLoRA", "Centralized", "FedCyBGD"]
+           "SplitLoRA", "VanillaSL", "FedLoRA", "Centralized", "FedCyBGD", "HSplitLoRA"]

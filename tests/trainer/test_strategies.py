@@ -230,3 +230,20 @@ def test_dirichlet_partition_weights_fedavg_by_samples(tmp_path):
     weights = built.setup.client_weights
     assert sum(weights) == len(built.train_data) and len(set(weights)) > 1  # skewed shards
     assert [len(l) for l in built.setup.loaders] == [int(w) for w in weights]
+
+
+def test_training_steps_run_in_train_mode(tmp_path, monkeypatch):
+    # Models load in eval mode; a training step must see every module in train mode (LoRA dropout on).
+    from splitlora.strategies.splitfed import SplitLoRA
+
+    seen = []
+    original = SplitLoRA.train_step
+
+    def spy(self, step):
+        modules = list(self.server.modules()) + [m for p in self.parts for m in p.modules()]
+        seen.append(all(m.training for m in modules))
+        return original(self, step)
+
+    monkeypatch.setattr(SplitLoRA, "train_step", spy)
+    train(tiny_config(tmp_path, "train.steps=2", "train.aggregate_every=1"), progress=False, log=lambda *_: None)
+    assert seen == [True, True]
