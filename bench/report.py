@@ -1,0 +1,552 @@
+"""The end-to-end results, regenerated from the run folders: never edit the section by hand.
+
+    python -m bench.report                        # runs/e2e/ -> bench/RESULTS.md section + bench/plots/
+    python -m bench.report --runs runs/e2e-gpu    # the GPU size (its own section and plot names)
+    python -m bench.report --no-write             # print the section, touch nothing
+
+Reads every `<runs>/<name>/` holding config.yaml, summary.json and metrics.jsonl (and bench.json
+from bench/e2e.py when present) and
+  - replaces what lies between `<!-- e2e:begin -->` and `<!-- e2e:end -->` in bench/RESULTS.md
+    (appends the markers at the end the first time; the rest of the file is left byte for byte);
+  - writes PNG plots of held-out loss against steps, simulated time and measured time (one line
+    per run) to bench/plots/<section>_*.png;
+  - prints whether the issue's targets hold on this data.
+
+Time to target: the first held-out evaluation (every `train.eval_every` steps, and at the end)
+whose loss is at or below the target; its step, the simulated time there (the trainer's time
+model) and the measured training time there (evaluation time excluded). The target is
+`--target-loss`, else the one given to bench.e2e, else centralized's final held-out loss x
+(1 + `--margin`). Runs whose config differs from the others in anything but the strategy, the
+codec and the output folder (for example a `--steps 4` smoke run left behind) are left out and named.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+# Keys that may differ between the runs of one comparison.
+PER_RUN_KEYS = ("strategy", "output_dir", "codec", "resume")
+KINDS = ("activations", "gradients", "labels", "adapters")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_runs(runs_dir: Path) -> list:
+    from bench.e2e import RUNS
+
+    order = {name: i for i, name in enumerate(RUNS)}
+    runs = []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        files = [folder / f for f in ("config.yaml", "summary.json", "metrics.jsonl")]
+        if not all(f.is_file() for f in files):
+            continue
+        bench_path = folder / "bench.json"
+        runs.append({
+            "name": folder.name,
+            "config": yaml.safe_load(files[0].read_text()),
+            "summary": json.loads(files[1].read_text()),
+            "metrics": _read_jsonl(files[2]),
+            "bench": json.loads(bench_path.read_text()) if bench_path.is_file() else {},
+        })
+    runs.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    return runs
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and key != "model.config":
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _shared(cfg: dict) -> dict:
+    flat = _flatten(cfg)
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in PER_RUN_KEYS}
+
+
+def _declared(name: str) -> set:
+    """Keys bench.e2e sets for this run on purpose (beyond strategy and codec)."""
+    from bench.e2e import RUNS
+
+    return {o.split("=", 1)[0] for o in RUNS.get(name, ("", []))[1]}
+
+
+def split_consistent(runs: list) -> tuple:
+    """(kept, excluded with reasons): runs must share every config key but the per-run ones and
+    those bench.e2e sets for that run on purpose (which each kept run lists in r["differs"])."""
+    if not runs:
+        return [], []
+    ref = next((r for r in runs if r["name"] == "centralized"), runs[0])
+    base = _shared(ref["config"])
+    kept, excluded = [], []
+    for r in runs:
+        mine = _shared(r["config"])
+        diff = sorted(k for k in set(base) | set(mine) if base.get(k) != mine.get(k))
+        undeclared = [k for k in diff if k not in _declared(r["name"])]
+        if undeclared:
+            excluded.append((r["name"], ", ".join(f"{k}={mine.get(k)!r} (vs {base.get(k)!r})" for k in undeclared[:3])))
+        else:
+            r["differs"] = {k: mine.get(k) for k in diff}
+            kept.append(r)
+    return kept, excluded
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run figures
+# --------------------------------------------------------------------------------------------
+
+def bytes_by_side(summary: dict) -> dict:
+    """Bytes summed over clients: cut (activations + gradients) and all kinds, up and down."""
+    out = {"cut_up": 0, "cut_down": 0, "up": 0, "down": 0, "adapters": 0, "labels": 0}
+    for client, dirs in summary.get("bytes", {}).items():
+        if not isinstance(dirs, dict):
+            continue
+        for direction in ("up", "down"):
+            kinds = dirs.get(direction, {})
+            out[direction] += sum(kinds.values())
+            out[f"cut_{direction}"] += kinds.get("activations", 0) + kinds.get("gradients", 0)
+            out["adapters"] += kinds.get("adapters", 0)
+            out["labels"] += kinds.get("labels", 0)
+    out["cut"] = out["cut_up"] + out["cut_down"]
+    return out
+
+
+def curves(run: dict) -> dict:
+    steps = [m for m in run["metrics"] if m.get("type") == "step"]
+    wall_at = {m["step"]: m["wall_time_s"] for m in steps}
+    evals = [m for m in run["metrics"] if m.get("type") == "eval"]
+    return {
+        "step": [m["step"] + 1 for m in evals],  # steps completed at the evaluation
+        "loss": [m["eval_loss"] for m in evals],
+        "sim": [m["sim_time_s"] for m in evals],
+        "wall": [wall_at.get(m["step"], float("nan")) for m in evals],
+        "train_step": [m["step"] + 1 for m in steps],
+        "train_loss": [m["loss"] for m in steps],
+    }
+
+
+def last_mean(row: dict, k: int = 3) -> float:
+    """Mean held-out loss of the last k evaluations: the final one alone moves with the noise."""
+    losses = row["curves"]["loss"][-k:]
+    return sum(losses) / len(losses)
+
+
+def step_noise(row: dict, k: int = 5) -> str:
+    """How much one run's held-out loss moves between consecutive evaluations at the end."""
+    losses = row["curves"]["loss"][-k:]
+    if len(losses) < 2:
+        return "too few evaluations to tell the noise"
+    moves = [abs(b - a) / a for a, b in zip(losses, losses[1:])]
+    return (f"for scale, {row['name']}'s held-out loss moved by {sum(moves) / len(moves):.1%} on average "
+            f"between consecutive evaluations over its last {len(losses)}")
+
+
+def time_to_target(c: dict, target: float):
+    for step, loss, sim, wall in zip(c["step"], c["loss"], c["sim"], c["wall"]):
+        if loss <= target:
+            return {"step": step, "sim": sim, "wall": wall}
+    return None
+
+
+def fp32_reference(runs: list, run: dict):
+    """The uncompressed run a cut's bytes are compared with: same strategy at fp32, else splitlora-fp32."""
+    same = [r for r in runs if r["summary"]["strategy"] == run["summary"]["strategy"] and r["summary"]["codec"] == "fp32"]
+    if same:
+        return same[0]
+    return next((r for r in runs if r["name"] == "splitlora-fp32"), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    if n == 0:
+        return "0"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_s(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_num(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def describe_setting(cfg: dict, runs: list) -> str:
+    m, d, t, lo, n, e = (cfg["model"], cfg["data"], cfg["train"], cfg["lora"], cfg["network"], cfg["eval"])
+    mc = m.get("config") or {}
+    if mc:
+        shape = (f"{mc.get('model_type', '?')}-shaped model with random weights ({mc.get('n_layer', mc.get('num_hidden_layers'))} "
+                 f"layers, d {mc.get('n_embd', mc.get('hidden_size'))}, {mc.get('n_head', mc.get('num_attention_heads'))} heads)")
+    else:
+        shape = f"model {m.get('name') or m.get('path')}"
+    tok = "a word tokenizer built from the examples" if d["tokenizer"] is None else f"tokenizer {Path(d['tokenizer']).name}"
+    return (
+        f"Setting: a {shape}, {m['dtype']}, cut after block {m['cut_layer']}; E2E: train on "
+        f"`{Path(d['train_path']).name}` ({'a sample of ' + str(d['num_train']) + ' lines' if d['num_train'] else 'every line'}), "
+        f"held-out loss on `{Path(d['eval_path']).name}` (up to {d['num_eval']} lines, whole meaning representations "
+        f"with all their references), {tok}, "
+        f"max {d['max_length']} tokens; {t['clients']} clients ({d['partition']}), batch {t['batch_size']} per client, "
+        f"{t['steps']} steps, AdamW lr {t['lr']:g}, FedAvg every {t['aggregate_every']} steps; LoRA r {lo['client']['r']} "
+        f"on client {lo['client']['target_modules']}, r {lo['server']['r']} on server {lo['server']['target_modules']}; "
+        f"held-out loss every {t['eval_every']} steps; BLEU and ROUGE-L at the end on the first {e['max_sources']} "
+        f"meaning representations (greedy, {e['max_new_tokens']} new tokens, all references). Time model: clients "
+        f"{n['client_tflops']:g} TFLOPS, server {n['server_tflops']:g} TFLOPS, links {n['bandwidth_mbps']:g} Mbit/s "
+        f"with {n['latency_ms']:g} ms latency; seed {cfg['seed']}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+def analyse(runs: list, target: float) -> list:
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        c = curves(r)
+        b = bytes_by_side(s)
+        ref = fp32_reference(runs, r)
+        ratio = None
+        if b["cut"] and ref is not None:
+            ratio = bytes_by_side(ref["summary"])["cut"] / b["cut"]
+        rows.append({"run": r, "name": r["name"], "summary": s, "curves": c, "bytes": b, "cut_ratio": ratio,
+                     "hit": time_to_target(c, target), "bench": r["bench"]})
+    return rows
+
+
+def check_targets(rows: list, target: float) -> list:
+    """Lines saying whether the issue's targets hold on this data."""
+    by = {r["name"]: r for r in rows}
+    lines = []
+    for name in ("splitlora-fp32", "splitlora-int8", "splitlora-int4-ef"):
+        if name not in by:
+            continue
+        mine = by[name]["hit"]
+        parts, ok = [], mine is not None
+        for other in ("fedlora", "centralized"):
+            if other not in by:
+                parts.append(f"{other} not run")
+                ok = False
+                continue
+            theirs = by[other]["hit"]
+            if mine is None:
+                parts.append(f"{other} {'reaches it in ' + fmt_s(theirs['sim']) + ' s' if theirs else 'does not reach it either'}")
+            elif theirs is None:
+                parts.append(f"{other} does not reach it")
+            else:
+                parts.append(f"{other} {fmt_s(theirs['sim'])} s (step {theirs['step']}; {name} takes "
+                             f"{mine['sim'] / theirs['sim']:.3g}x as long)")
+                ok = ok and mine["sim"] < theirs["sim"]
+        where = f"{fmt_s(mine['sim'])} s simulated (step {mine['step']})" if mine else "does not reach the target"
+        lines.append(f"- {name} reaches the target in less simulated time than fedlora and centralized: "
+                     f"**{'holds' if ok else 'does not hold'}**. {name}: {where}; " + "; ".join(parts) + ".")
+    fp = by.get("splitlora-fp32")
+    for name in ("splitlora-int8", "splitlora-int4-ef"):
+        if fp is None or name not in by:
+            continue
+        q = by[name]
+        ratio = q["cut_ratio"]
+        l_fp, l_q = fp["summary"]["eval_loss"], q["summary"]["eval_loss"]
+        rel = (l_q - l_fp) / l_fp
+        if name == "splitlora-int8":
+            ok = ratio is not None and ratio >= 4.0 and rel <= 0.01
+            lines.append(
+                f"- int8 cuts the bytes at the cut >= 4x against fp32 with a final held-out loss within 1%: "
+                f"**{'holds' if ok else 'does not hold'}**. Measured {ratio:.2f}x "
+                f"({fmt_bytes(fp['bytes']['cut'])} vs {fmt_bytes(q['bytes']['cut'])}: every packet carries a header "
+                f"and one scale per group of {q['run']['config']['codec']['group_size']} values, so 8 bits "
+                f"cannot reach 4.00x); final held-out loss {l_q:.4f} vs {l_fp:.4f} ({rel:+.2%}; mean of the "
+                f"last 3 evaluations {last_mean(q):.4f} vs {last_mean(fp):.4f}, "
+                f"{(last_mean(q) - last_mean(fp)) / last_mean(fp):+.2%}; {step_noise(fp)}).")
+        else:
+            lines.append(f"- {name}: {ratio:.2f}x fewer bytes at the cut than fp32, final held-out loss {l_q:.4f} vs "
+                         f"{l_fp:.4f} ({rel:+.2%}; last 3 evaluations {last_mean(q):.4f} vs {last_mean(fp):.4f}, "
+                         f"{(last_mean(q) - last_mean(fp)) / last_mean(fp):+.2%}).")
+    return lines
+
+
+def trainable_params(tp) -> str:
+    """"client / server": LoRA strategies report one number per side; full-parameter and
+    heterogeneous ones a record per client (the largest client is shown)."""
+    if not isinstance(tp, dict):
+        return "-"
+    client, server = tp.get("client"), tp.get("server")
+    if client is None and isinstance(tp.get("clients"), list):
+        counts = [c.get("trainable_params") for c in tp["clients"] if isinstance(c, dict)]
+        counts = [c for c in counts if isinstance(c, int)]
+        client = max(counts) if counts else None
+    fmt = lambda n: f"{n:,}" if isinstance(n, int) else "-"
+    return f"{fmt(client)} / {fmt(server)}"
+
+
+def tables(rows: list, target: float) -> str:
+    out = ["| run | strategy | codec | held-out loss | last 3 evals | ppl | BLEU | ROUGE-L | steps to target "
+           "| sim s to target | measured s to target | sim s total | measured s total |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, hit = r["summary"], r["hit"]
+        out.append(
+            f"| {r['name']} | {s['strategy']} | {s['codec']} | {s['eval_loss']:.4f} | {last_mean(r):.4f} "
+            f"| {s['eval_ppl']:.2f} "
+            f"| {fmt_num(s.get('bleu'), '.1f')} | {fmt_num(s.get('rouge_l'), '.1f')} "
+            f"| {hit['step'] if hit else 'not reached'} | {fmt_s(hit['sim']) if hit else '-'} "
+            f"| {fmt_s(hit['wall']) if hit else '-'} | {fmt_s(s['sim_time_s'])} | {fmt_s(s['wall_time_s'])} |")
+    out += ["", "| run | cut up | cut down | cut vs fp32 | all up | all down | adapters | trainable params "
+            "(client / server) | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, s, bench = r["bytes"], r["summary"], r["bench"]
+        params = trainable_params(s.get("trainable_params"))
+        if bench.get("cuda_peak_bytes"):
+            mem = f"{fmt_bytes(bench['cuda_peak_bytes'])} (CUDA)"
+        elif bench.get("peak_rss_bytes"):
+            mem = f"{fmt_bytes(bench['peak_rss_bytes'])} (RSS)"
+        else:
+            mem = "-"
+        ratio = f"{r['cut_ratio']:.2f}x" if r["cut_ratio"] else "-"
+        out.append(f"| {r['name']} | {fmt_bytes(b['cut_up'])} | {fmt_bytes(b['cut_down'])} | {ratio} "
+                   f"| {fmt_bytes(b['up'])} | {fmt_bytes(b['down'])} | {fmt_bytes(b['adapters'])} | {params} | {mem} |")
+    return "\n".join(out)
+
+
+def time_model_note(rows: list) -> list:
+    """Why the simulated times come out as they do: compute against link latency per step."""
+    by = {r["name"]: r for r in rows}
+    central = by.get("centralized")
+    split = [r for r in rows if r["bytes"]["cut"]]
+    if central is None or not split:
+        return []
+    net = central["run"]["config"]["network"]
+    steps = central["summary"]["steps"]
+    c_ms = 1e3 * central["summary"]["sim_time_s"] / steps
+    per_step = ", ".join(f"{r['name']} {1e3 * r['summary']['sim_time_s'] / r['summary']['steps']:.3g} ms"
+                         for r in rows if r["name"] != "centralized")
+    return [f"Simulated time per step: centralized {c_ms:.3g} ms (the whole model on all clients' batches at "
+            f"{net['server_tflops']:g} TFLOPS); {per_step}. Every step of a split strategy sends activations up "
+            f"and gradients down, so it pays at least two link latencies ({2 * net['latency_ms']:g} ms) plus the "
+            f"bytes at {net['bandwidth_mbps']:g} Mbit/s, whatever the model's size; at this model size that, not "
+            "compute, decides the simulated times.", ""]
+
+
+def machine_line(rows: list) -> str:
+    machines = {json.dumps(r["bench"].get("machine"), sort_keys=True) for r in rows if r["bench"].get("machine")}
+    if not machines:
+        return "Machine: not recorded (runs without bench.json)."
+    parts = []
+    for text in sorted(machines):
+        m = json.loads(text)
+        gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+        threads = f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''} per run"
+        parts.append(f"{m['platform']}, CPU {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+                     f"({threads}), Python {m['python']}{gpu}")
+    return "Machine: " + "; ".join(parts) + "."
+
+
+def dates_line(rows: list) -> str:
+    started = [r["bench"]["started_utc"] for r in rows if r["bench"].get("started_utc")]
+    finished = [r["bench"]["finished_utc"] for r in rows if r["bench"].get("finished_utc")]
+    loads = [r["bench"]["loadavg_start"][0] for r in rows if r["bench"].get("loadavg_start")]
+    wall = sum(r["bench"].get("process_wall_s", 0.0) for r in rows)
+    text = ""
+    if started and finished:
+        text = f"Date: {min(started)} to {max(finished)} (UTC); the runs took {wall:.0f} s of process time in all."
+    if loads:
+        text += (f" 1-minute load average when each run started: {min(loads):.2f} to {max(loads):.2f} "
+                 f"(other processes were sharing the cores when it is above the core count; measured times "
+                 f"are then slower and noisier).")
+    return text
+
+
+def plot(rows: list, target: float, plots_dir: Path, prefix: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    specs = [("steps", "step", "steps", False), ("sim_time", "sim", "simulated time (s, time model)", True),
+             ("measured_time", "wall", "measured training time (s)", False)]
+    for suffix, key, xlabel, logx in specs:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for r in rows:
+            c = r["curves"]
+            xs = c[key]
+            ax.plot(xs, c["loss"], marker="o", markersize=3, label=r["name"])
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"held-out loss vs {xlabel.split(' (')[0]}")
+        fig.tight_layout()
+        path = plots_dir / f"{prefix}_loss_vs_{suffix}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def section(rows, excluded, target, target_note, suite, plots, results_path) -> str:
+    cfg = rows[0]["run"]["config"]
+    size = suite.get("size", "cpu")
+    title = "CPU size" if size == "cpu" else f"{size.upper()} size"
+    commands = sorted({r["bench"].get("command") or suite.get("runs", {}).get(r["name"], {}).get("command", "")
+                       for r in rows} - {""})
+    lines = [
+        f"## End to end: SplitLoRA against its baselines ({title}, `bench/e2e.py`)",
+        "",
+        "Generated by `python -m bench.report` from the run folders; do not edit by hand. Regenerate with "
+        f"`python -m bench.e2e --size {size} && python -m bench.report` (or `python -m bench.e2e --size {size} --report`).",
+        "",
+        "Command(s) that produced these runs: " + "; ".join(f"`{c}`" for c in commands) + "." if commands else
+        "Command: not recorded.",
+        "",
+        machine_line(rows),
+        "",
+        dates_line(rows),
+        "",
+        describe_setting(cfg, [r["run"] for r in rows]),
+        "",
+        *([("Set per run on purpose: " + "; ".join(
+            f"{r['name']} " + ", ".join(f"{k}={v!r}" for k, v in r["run"]["differs"].items())
+            for r in rows if r["run"].get("differs")) + "."), ""] if any(r["run"].get("differs") for r in rows) else []),
+        f"Target held-out loss: **{target:.4f}** ({target_note}). \"steps to target\": steps done at the first "
+        f"held-out evaluation at or below it (evaluations every {cfg['train']['eval_every']} steps and at the end); "
+        "\"sim s\": the trainer's time model; \"measured s\": training time on this machine (evaluations excluded). "
+        "Cut bytes: activations up and gradients down, summed over clients and steps (labels and attention masks "
+        "travel beside them and count in \"all\"); \"cut vs fp32\": the same strategy's fp32 cut bytes over this "
+        "run's; \"adapters\": FedAvg uploads and downloads (also in \"all\"). Peak memory: of the whole process "
+        "(every party runs in it), resident set size on CPU.",
+        "",
+        tables(rows, target),
+        "",
+        *time_model_note(rows),
+        "Targets of issue 7 on this data:",
+        "",
+        *check_targets(rows, target),
+        "",
+    ]
+    if excluded:
+        lines += ["Left out (config differs from the others): "
+                  + "; ".join(f"{n}: {why}" for n, why in excluded) + ".", ""]
+    rel = [os.path.relpath(p, results_path.parent) for p in plots]
+    if rel:
+        lines += ["Plots: " + ", ".join(f"[{Path(p).stem}]({p})" for p in rel), ""]
+        lines += [f"![held-out loss vs simulated time]({rel[1]})", ""]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.is_file() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        new = head + block + tail
+    elif begin in text or end in text:
+        raise SystemExit(f"{path}: found only one of {begin} / {end}; fix the markers by hand first")
+    else:
+        new = text + ("" if text.endswith("\n") or not text else "\n") + "\n" + block + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="runs/e2e", help="folder of the run folders (default runs/e2e)")
+    parser.add_argument("--results", default="bench/RESULTS.md")
+    parser.add_argument("--plots", default="bench/plots")
+    parser.add_argument("--section", default=None, help="marker name (default e2e; e2e-gpu for the GPU size)")
+    parser.add_argument("--target-loss", type=float, default=None)
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="target = centralized's final held-out loss x (1 + margin) (default 0.05)")
+    parser.add_argument("--no-write", action="store_true", help="print the section; write neither RESULTS.md nor plots")
+    args = parser.parse_args(argv)
+
+    runs_dir = (ROOT / args.runs) if not Path(args.runs).is_absolute() else Path(args.runs)
+    if not runs_dir.is_dir():
+        raise SystemExit(f"no run folder {runs_dir}; run python -m bench.e2e first")
+    suite_path = runs_dir / "suite.json"
+    suite = json.loads(suite_path.read_text()) if suite_path.is_file() else {}
+    runs, excluded = split_consistent(load_runs(runs_dir))
+    if not runs:
+        raise SystemExit(f"no complete run in {runs_dir} (each needs config.yaml, summary.json, metrics.jsonl)")
+    for r in runs:
+        entry = suite.get("runs", {}).get(r["name"], {})
+        r["bench"].setdefault("command", entry.get("command"))
+
+    central = next((r for r in runs if r["name"] == "centralized"), None)
+    if args.target_loss is not None:
+        target, note = args.target_loss, "given with --target-loss"
+    elif suite.get("target_loss") is not None:
+        target, note = suite["target_loss"], "given to bench.e2e with --target-loss"
+    elif central is not None:
+        final = central["summary"]["eval_loss"]
+        target, note = final * (1 + args.margin), f"centralized's final held-out loss {final:.4f} + {args.margin:.0%}"
+    else:
+        best = min(r["summary"]["eval_loss"] for r in runs)
+        target, note = best * (1 + args.margin), f"no centralized run: the best final held-out loss {best:.4f} + {args.margin:.0%}"
+
+    rows = analyse(runs, target)
+    name = args.section or ("e2e" if suite.get("size", "cpu") == "cpu" else f"e2e-{suite['size']}")
+    results_path = ROOT / args.results
+    plots = []
+    if not args.no_write:
+        plots = plot(rows, target, ROOT / args.plots, name)
+    body = section(rows, excluded, target, note, suite, plots, results_path)
+    if args.no_write:
+        print(body)
+    else:
+        replace_section(results_path, name, body)
+        print(f"wrote the {name} section of {results_path.relative_to(ROOT)} and {len(plots)} plots in {args.plots}/")
+        print()
+        print(tables(rows, target))
+    print()
+    print(f"target held-out loss {target:.4f} ({note})")
+    for line in check_targets(rows, target):
+        print(line.replace("**", ""))
+    for n, why in excluded:
+        print(f"left out {n}: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
