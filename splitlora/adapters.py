@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from splitlora_kernels import apply_fused_lora
+from splitlora_kernels.layers import _name_matches as _matches  # the rule apply_fused_lora matches by
 from splitlora_kernels.layers import lora_modules, lora_state_dict, load_lora_state_dict
 
 
@@ -32,7 +33,7 @@ def add_lora(segment: nn.Module, target_modules: Iterable[str], spec: LoraSpec, 
     whole-model name (B starts at zero, as in PEFT), so a layer starts from the same adapter
     wherever the cut puts it: runs that split the model differently stay comparable.
     """
-    targets = [t for t in target_modules if any(_matches(n, t) for n, _ in segment.named_modules())]
+    targets = existing_targets([segment], target_modules)
     if targets:
         apply_fused_lora(segment, targets, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
                          use_rslora=spec.rslora)
@@ -55,17 +56,19 @@ def init_adapter(module: nn.Module, seed: int, name: str) -> None:
     module.lora_B.zero_()
 
 
-def _matches(name: str, key: str) -> bool:
-    return name == key or name.endswith("." + key)
+def existing_targets(segments: Iterable[nn.Module], target_modules: Iterable[str]) -> List[str]:
+    """The targets that name a module in at least one of `segments` (PEFT's suffix matching)."""
+    names = [n for s in segments for n, _ in s.named_modules()]
+    return [t for t in target_modules if any(_matches(n, t) for n in names)]
 
 
 def check_targets_exist(segments: Iterable[nn.Module], target_modules: Iterable[str], key: str) -> None:
     """Every target must name a module somewhere in the model (all segments together): a name
     that matches nothing is a typo. A target that lives only on the other side of the cut (e.g.
     lm_head when the client keeps the head in the U-shape) is simply not adapted on this side."""
-    segments = list(segments)
-    names = [n for s in segments for n, _ in s.named_modules()]
-    missing = [t for t in target_modules if not any(_matches(n, t) for n in names)]
+    segments, target_modules = list(segments), list(target_modules)
+    found = existing_targets(segments, target_modules)
+    missing = [t for t in target_modules if t not in found]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for s in segments for n, m in s.named_modules()
                          if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})

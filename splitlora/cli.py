@@ -90,16 +90,10 @@ def run_codec_demo(args: argparse.Namespace) -> int:
 # --- training commands ------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _summary_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -> str:
     """One line per run: loss, perplexity, BLEU, bytes at the cut and in total, times."""
+    from splitlora.trainer import format_bytes
+
     header = (f"{'run':<22}{'train loss':>11}{'eval loss':>10}{'ppl':>8}{'BLEU':>7}{'cut bytes':>12}"
               f"{'vs fp32':>9}{'all bytes':>12}{'sim time':>10}{'wall':>8}")
     lines = [header, "-" * len(header)]
@@ -111,7 +105,7 @@ def _summary_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -
         ratio = f"{base_cut / cut:.2f}x" if base_cut and cut else "-"
         bleu = f"{s['bleu']:.1f}" if "bleu" in s else "-"
         lines.append(f"{name:<22}{s['final_train_loss']:>11.3f}{s['eval_loss']:>10.3f}{s['eval_ppl']:>8.2f}{bleu:>7}"
-                     f"{_fmt_bytes(cut):>12}{ratio:>9}{_fmt_bytes(s['bytes_total']):>12}"
+                     f"{format_bytes(cut):>12}{ratio:>9}{format_bytes(s['bytes_total']):>12}"
                      f"{s['sim_time_s']:>9.1f}s{s['wall_time_s']:>7.0f}s")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import torch
 
 from . import config as config_mod
-from .adapters import LoraSpec, add_lora, check_targets_exist, whole_model_with_adapters
+from .adapters import LoraSpec, add_lora, check_targets_exist, existing_targets, whole_model_with_adapters
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .timemodel import TimeModel, count_params, peak_memory_bytes
 from .transport import make_transport
@@ -121,8 +121,8 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     segments = [s for s in (client, server, tail) if s is not None]
     if cfg.strategy == "fedcybgd":
         # Full-parameter training: the LoRA settings do not apply; adapters only where they exist.
-        lc = dataclasses.replace(lc, target_modules=_existing(segments, lc.target_modules))
-        ls = dataclasses.replace(ls, target_modules=_existing(segments, ls.target_modules))
+        lc = dataclasses.replace(lc, target_modules=existing_targets(segments, lc.target_modules))
+        ls = dataclasses.replace(ls, target_modules=existing_targets(segments, ls.target_modules))
     check_targets_exist(segments, lc.target_modules, "lora.client.target_modules")
     check_targets_exist(segments, ls.target_modules, "lora.server.target_modules")
     # Adapters' initial values are seeded per module: the same for every strategy and cut.
@@ -146,11 +146,6 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
         role=role,
     )
     return Built(cfg, device, tokenizer, train_examples, eval_examples, train_data, eval_data, setup)
-
-
-def _existing(segments, targets):
-    names = [n for seg in segments for n, _ in seg.named_modules()]
-    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
 class MetricsLog:
@@ -226,6 +221,12 @@ def _restore(strategy, built: Built, state: dict) -> dict:
 def _ledger(transport):
     # Under transport=dist the server's view (what it sent plus what it received) is the whole run.
     return transport.combined_ledger() if hasattr(transport, "combined_ledger") else transport.ledger
+
+
+def _bytes_moved(transport) -> int:
+    """Total bytes so far, cheaply (every step): the server's sends plus, under dist, its receipts."""
+    received = getattr(transport, "received", None)
+    return transport.ledger.total() + (received.total() if received is not None else 0)
 
 
 def _start_distributed(cfg, log):
@@ -325,7 +326,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
             round_index = step // t.aggregate_every
             transport.set_round(round_index)
             wall0 = time.perf_counter()
-            before = _ledger(transport).total() if is_server else 0
+            before = _bytes_moved(transport) if is_server else 0
             result = strategy.train_step(step)
             if is_server and not math.isfinite(result.loss):
                 raise FloatingPointError(f"the training loss became {result.loss} at step {step}; lower train.lr "
@@ -342,15 +343,15 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
             round_wall += wall
             round_sim += sim
             if is_server:
-                ledger = _ledger(transport)
+                moved = _bytes_moved(transport)
                 metrics.write({"type": "step", "step": step, "round": round_index, "loss": result.loss,
                                "sim_time_s": totals["sim_time_s"], "wall_time_s": totals["wall_time_s"],
                                "client_compute_s": result.client_compute_s,
                                "server_compute_s": result.server_compute_s,
-                               "bytes": ledger.total() - before, "bytes_total": ledger.total(),
+                               "bytes": moved - before, "bytes_total": moved,
                                **result.extra})
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.3f}", sent=_fmt_bytes(ledger.total()))
+                bar.set_postfix(loss=f"{result.loss:.3f}", sent=format_bytes(moved))
                 if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                     last_eval = evaluate(strategy, built, generate=False)
                     metrics.write({"type": "eval", "step": step, "sim_time_s": totals["sim_time_s"], **last_eval})
@@ -476,9 +477,9 @@ def _codec_name(cfg) -> str:
     return name
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n}"
