@@ -1,4 +1,5 @@
-"""Server throughput of split learning: all clients' activations in one batch vs one pass per client.
+"""Server throughput of split learning: all clients' activations in one batch vs one pass per client,
+with the fused LoRA layers vs PEFT's.
 
     python -m bench.bench_trainer --device cpu --out runs/bench            # small GPT-2 shape, fp32
     python -m bench.bench_trainer --device cuda --out runs/bench           # GPT-2 medium shape, bf16
@@ -11,7 +12,12 @@ that each sent a batch of B sequences of T tokens.
               (what splitlora's server does)
   per-client  one forward/backward per client, one after another (what a server that handles
               clients separately would do)
-Reports server tokens per second for N in {1, 4, 8}, the speed-up of batching, and the model
+each with the server's LoRA layers as this package's FusedLoRALinear ("fused", Triton kernels on a
+GPU) and as PEFT's lora.Linear ("peft", injected with peft.inject_adapter_in_model on the same base
+weights, the same adapter values: the script checks that both give the same loss before timing).
+"fused batched" is what splitlora's server runs; "peft per-client" is the usual baseline.
+Reports server tokens per second for N in {1, 4, 8}, the speed-up of batching, of the fused layers
+and of both together, and the model
 flops utilization (MFU) of the server segment on a GPU: counted training flops (2 x forward
 flops: the frozen base needs input gradients only, see splitlora.timemodel) per second over the
 GPU's dense bf16 peak. Times: median of --repeats timed steps after 2 warm-up steps (GPU: CUDA
@@ -51,14 +57,45 @@ def peak_tflops(device: torch.device):
     return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
 
 
-def build_server(shape, device, dtype, cut=3):
+RANK, ALPHA = 4, 8.0
+
+
+def build_server(shape, device, dtype, cut=3, layers="fused"):
+    """The server segment with LoRA on c_attn: FusedLoRALinear ("fused") or PEFT's ("peft"). Both
+    are built from the same seed, so their base weights are equal."""
     config = dict(model_type="gpt2", n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
                   n_positions=max(1024, shape["seq_len"]), vocab_size=shape["vocab_size"],
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_pytorch_tanh")
     model, _ = load_causal_lm(config=config, dtype=dtype, seed=0)
     _, server = split_model(model, cut)
-    add_lora(server, ["c_attn"], LoraSpec(r=4, alpha=8.0), seed=0)
+    if layers == "fused":
+        add_lora(server, ["c_attn"], LoraSpec(r=RANK, alpha=ALPHA), seed=0)
+    else:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        server = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, fan_in_fan_out=True,
+                                                    target_modules=["c_attn"]), server)
+        for name, p in server.named_parameters():
+            p.requires_grad_("lora_" in name)
     return server.to(device).train(), cut
+
+
+@torch.no_grad()
+def same_adapters(fused, peft_server, seed=1):
+    """Random (non-zero) adapters, the same values in both servers, so that the low-rank path
+    does real work and the two compute the same function."""
+    from splitlora_kernels.layers import lora_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    peft_modules = dict(peft_server.named_modules())
+    for name, m in lora_modules(fused).items():
+        a = torch.randn(m.lora_A.shape, generator=gen) * 0.02
+        b = torch.randn(m.lora_B.shape, generator=gen) * 0.02
+        m.lora_A.copy_(a)
+        m.lora_B.copy_(b)
+        pm = peft_modules[name]
+        pm.lora_A["default"].weight.copy_(a)
+        pm.lora_B["default"].weight.copy_(b)
 
 
 def time_steps(fns, device, repeats):
@@ -88,24 +125,39 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layers", default="fused,peft",
+                        help="LoRA layers to compare: fused (this package), peft, or both (default)")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SHAPES[device.type]
-    server, cut = build_server(shape, device, dtype)
+    layer_kinds = [k.strip() for k in args.layers.split(",") if k.strip()]
+    servers = {}
+    for kind in layer_kinds:
+        servers[kind], cut = build_server(shape, device, dtype, layers=kind)
     b, t, h = shape["batch"], shape["seq_len"], shape["n_embd"]
     peak = peak_tflops(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    params = [p for p in server.parameters() if p.requires_grad]
+    if set(servers) == {"fused", "peft"}:
+        same_adapters(servers["fused"], servers["peft"])
+        hidden = torch.randn(b, t, h, generator=gen).to(device, dtype)
+        labels = torch.randint(0, shape["vocab_size"], (b, t), generator=gen).to(device)
+        with torch.no_grad():
+            losses = [float(causal_lm_loss(servers[k](hidden), labels)) for k in ("fused", "peft")]
+        # The same function: equal up to the dtype's rounding (bf16 on a GPU).
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        if abs(losses[0] - losses[1]) > tol * abs(losses[1]):
+            raise SystemExit(f"fused and PEFT servers disagree: loss {losses[0]:.6f} vs {losses[1]:.6f}")
+        print(f"fused and PEFT servers agree: loss {losses[0]:.5f} vs {losses[1]:.5f}", flush=True)
 
-    def step(chunks):
+    def step(server, chunks):
         for hidden, labels in chunks:
             hidden = hidden.detach().requires_grad_(True)
             loss = causal_lm_loss(server(hidden), labels)
             loss.backward()
-        for p in params:
+        for p in server.parameters():
             p.grad = None
 
     rows = []
@@ -115,15 +167,17 @@ def main():
         batched = [(torch.cat(hidden), torch.cat(labels))]
         separate = list(zip(hidden, labels))
         tokens = n * b * t
-        flops = train_flops(forward_flops(server, n * b, t, shape["n_layer"] - cut, h))
-        modes = (("batched", batched), ("per-client", separate))
-        seconds_each = time_steps([lambda c=c: step(c) for _, c in modes], device, args.repeats)
-        for (mode, _), seconds in zip(modes, seconds_each):
+        # Counted on the fused server (the same flops for both: PEFT's adapters are the same size).
+        flops = train_flops(forward_flops(next(iter(servers.values())), n * b, t, shape["n_layer"] - cut, h))
+        modes = [(kind, mode, chunks) for kind in servers
+                 for mode, chunks in (("batched", batched), ("per-client", separate))]
+        seconds_each = time_steps([lambda k=k, c=c: step(servers[k], c) for k, _, c in modes], device, args.repeats)
+        for (kind, mode, _), seconds in zip(modes, seconds_each):
             achieved = flops / seconds / 1e12
-            rows.append(dict(device=device.type, clients=n, mode=mode, tokens=tokens, ms=seconds * 1e3,
+            rows.append(dict(device=device.type, layers=kind, clients=n, mode=mode, tokens=tokens, ms=seconds * 1e3,
                              tokens_per_s=tokens / seconds, tflops=achieved,
                              mfu=(achieved / peak) if peak else None))
-            print(f"N={n:<2} {mode:<10} {seconds * 1e3:9.2f} ms  {tokens / seconds:12,.0f} tok/s  "
+            print(f"N={n:<2} {kind:<5} {mode:<10} {seconds * 1e3:9.2f} ms  {tokens / seconds:12,.0f} tok/s  "
                   f"{achieved:8.3f} TFLOPS" + (f"  MFU {achieved / peak:.1%}" if peak else ""), flush=True)
 
     out = Path(args.out)
@@ -135,19 +189,36 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"Server step (forward + backward) of a GPT-2 shape, layers {cut}..{shape['n_layer'] - 1} + head, "
-        f"d={h}, vocab {shape['vocab_size']}, {b} x {t} tokens per client, {dtype}, LoRA r=4 on c_attn; "
+        f"d={h}, vocab {shape['vocab_size']}, {b} x {t} tokens per client, {dtype}, LoRA r={RANK} on c_attn; "
         f"{name}, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        "| clients | batched ms | per-client ms | batched tok/s | per-client tok/s | batching speed-up | "
-        "batched TFLOPS | batched MFU |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for n in sorted({r["clients"] for r in rows}):
-        bt = next(r for r in rows if r["clients"] == n and r["mode"] == "batched")
-        pc = next(r for r in rows if r["clients"] == n and r["mode"] == "per-client")
-        mfu = f"{bt['mfu']:.1%}" if bt["mfu"] is not None else "-"
-        lines.append(f"| {n} | {bt['ms']:.2f} | {pc['ms']:.2f} | {bt['tokens_per_s']:,.0f} | {pc['tokens_per_s']:,.0f} | "
-                     f"{pc['ms'] / bt['ms']:.2f}x | {bt['tflops']:.3f} | {mfu} |")
+
+    def row(kind, n, mode):
+        return next(r for r in rows if r["layers"] == kind and r["clients"] == n and r["mode"] == mode)
+
+    for kind in servers:
+        lines += [f"LoRA layers: {kind}", "",
+                  "| clients | batched ms | per-client ms | batched tok/s | per-client tok/s | batching speed-up | "
+                  "batched TFLOPS | batched MFU |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n in sorted({r["clients"] for r in rows}):
+            bt, pc = row(kind, n, "batched"), row(kind, n, "per-client")
+            mfu = f"{bt['mfu']:.1%}" if bt["mfu"] is not None else "-"
+            lines.append(f"| {n} | {bt['ms']:.2f} | {pc['ms']:.2f} | {bt['tokens_per_s']:,.0f} | "
+                         f"{pc['tokens_per_s']:,.0f} | {pc['ms'] / bt['ms']:.2f}x | {bt['tflops']:.3f} | {mfu} |")
+        lines.append("")
+    if set(servers) == {"fused", "peft"}:
+        note = "" if device.type == "cuda" else (" On a CPU the fused layer runs the plain-torch reference "
+                                                  "(the Triton kernels need a GPU): these ratios are not the kernels'.")
+        lines += ["Fused + batched (splitlora's server) against PEFT + one pass per client, same run:" + note, "",
+                  "| clients | fused batched ms | PEFT batched ms | PEFT per-client ms | fused vs PEFT (batched) | "
+                  "fused batched vs PEFT per-client |",
+                  "|---|---|---|---|---|---|"]
+        for n in sorted({r["clients"] for r in rows}):
+            fb, pb, pp = row("fused", n, "batched"), row("peft", n, "batched"), row("peft", n, "per-client")
+            lines.append(f"| {n} | {fb['ms']:.2f} | {pb['ms']:.2f} | {pp['ms']:.2f} | {pb['ms'] / fb['ms']:.2f}x | "
+                         f"{pp['ms'] / fb['ms']:.2f}x |")
     (out / f"trainer_{device.type}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -49,11 +49,17 @@ def add_lora(segment: nn.Module, target_modules: Iterable[str], spec: LoraSpec, 
 def init_adapter(module: nn.Module, seed: int, name: str) -> None:
     """PEFT's default initialisation (A ~ kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(in)),
     B = 0) from a generator of its own."""
+    init_lora_pair(module.lora_A, module.lora_B, seed, name)
+
+
+@torch.no_grad()
+def init_lora_pair(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int, name: str) -> None:
+    """`init_adapter` on a bare (A, B) pair (e.g. one adapter of a MultiLoRALinear)."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    bound = 1.0 / math.sqrt(module.lora_A.shape[1])
-    values = torch.rand(module.lora_A.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
-    module.lora_A.copy_(values)
-    module.lora_B.zero_()
+    bound = 1.0 / math.sqrt(lora_a.shape[1])
+    values = torch.rand(lora_a.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+    lora_a.copy_(values)
+    lora_b.zero_()
 
 
 def existing_targets(segments: Iterable[nn.Module], target_modules: Iterable[str]) -> List[str]:
@@ -81,6 +87,8 @@ def adapter_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_adapter_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    if not state and not lora_state_dict(module):
+        return  # nothing held, nothing saved (e.g. a server whose adapters are per-client MultiLoRALinear)
     load_lora_state_dict(module, state)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig", "FedCyBGDConfig",
     "FEDCYBGD_ORDERS", "FEDCYBGD_BLOCKS", "FEDCYBGD_DOWNLOADS", "FEDCYBGD_DOWNLOAD_BITS",
     "HSplitLoRAConfig", "HSPLITLORA_AGGREGATIONS", "HSPLITLORA_IMPORTANCE", "HSPLITLORA_DEVICE_KEYS",
+    "HSPLITLORA_CONFIGURATIONS", "HSPLITLORA_SERVER_ADAPTERS",
     "load_config", "config_from_dict", "config_to_dict", "dump_config", "apply_overrides",
     "validate", "validate_model_layers",
 ]
@@ -70,6 +71,8 @@ FEDCYBGD_DOWNLOAD_BITS = (16, 8, 4, 2)
 HSPLITLORA_AGGREGATIONS = ("stacked", "zero_pad")
 HSPLITLORA_IMPORTANCE = ("sensitivity", "gradient")
 HSPLITLORA_DEVICE_KEYS = ("count", "tflops", "memory_gib", "bandwidth_mbps", "latency_ms")
+HSPLITLORA_CONFIGURATIONS = ("per_client", "weakest")
+HSPLITLORA_SERVER_ADAPTERS = ("shared", "per_client")
 # 32 = no compression (fp32 on the wire); the others are the codec's bit widths.
 CODEC_BITS = (32, 16, 8, 4, 2)
 # Same limits as the codec (splitlora.codec_reference); repeated so this module imports no torch.
@@ -249,6 +252,14 @@ class HSplitLoRAConfig:
     # stacked: noise-free (the weighted mean of the clients' updates, folded into the base weights);
     # zero_pad: HetLoRA's zero-padded averaging of A and B (the baseline).
     aggregation: str = "stacked"
+    # per_client: each client's cut and ranks from its own budget; weakest: every client gets the
+    # most constrained client's configuration (the baseline that ignores heterogeneity).
+    configuration: str = "per_client"
+    # shared: one server adapter per adapted weight, trained on every client's activations;
+    # per_client: the server keeps one adapter per client at that client's scale of lora.server.r
+    # (SplitFed-style server models), all run in one batched multi-adapter launch and aggregated
+    # like the clients' (stacked only; needs lora.server.dropout = 0).
+    server_adapters: str = "shared"
     # Rank of the exported client adapters (the folded update, by SVD); null: exact (its numerical rank).
     export_rank: int | None = None
 
@@ -612,6 +623,19 @@ def _validate_hsplitlora(cfg: RunConfig, errors: list[str]) -> None:
                       f"{', '.join(HSPLITLORA_AGGREGATIONS)}")
     if h.export_rank is not None:
         number(f"{p}.export_rank", h.export_rank, 1, False, integer=True)
+    if h.configuration not in HSPLITLORA_CONFIGURATIONS:
+        errors.append(f"{p}.configuration: {_describe(h.configuration)} is not allowed; choose one of "
+                      f"{', '.join(HSPLITLORA_CONFIGURATIONS)}")
+    if h.server_adapters not in HSPLITLORA_SERVER_ADAPTERS:
+        errors.append(f"{p}.server_adapters: {_describe(h.server_adapters)} is not allowed; choose one of "
+                      f"{', '.join(HSPLITLORA_SERVER_ADAPTERS)}")
+    elif cfg.strategy == "hsplitlora" and h.server_adapters == "per_client":
+        if h.aggregation != "stacked":
+            errors.append(f"{p}.server_adapters: per_client needs {p}.aggregation=stacked (got "
+                          f"{_describe(h.aggregation)}); use server_adapters=shared with zero_pad")
+        if isinstance(cfg.lora.server.dropout, (int, float)) and cfg.lora.server.dropout > 0:
+            errors.append(f"{p}.server_adapters: per_client runs the batched multi-adapter kernel, which has "
+                          f"no dropout; set lora.server.dropout=0 (got {cfg.lora.server.dropout})")
 
     total = 0
     for name, spec in h.devices.items():

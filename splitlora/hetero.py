@@ -471,6 +471,26 @@ def configure_clients_with_cuts(devices: Sequence[DeviceProfile], costs: Mapping
     return plans
 
 
+def weakest_plan_for_all(plans: Sequence[ClientPlan], devices: Sequence[DeviceProfile],
+                         costs: Mapping[int, SegmentCost], *, step_time_s: Optional[float] = None) -> List[ClientPlan]:
+    """The baseline without heterogeneity awareness: every client gets the most constrained
+    client's configuration (the shallowest cut, then the smallest total rank, among `plans`),
+    with its estimates recomputed on its own device."""
+    if not plans:
+        raise ValueError("weakest_plan_for_all needs at least one plan")
+    weakest = min(plans, key=lambda p: (p.cut_layer, p.total_rank))
+    cost = costs[weakest.cut_layer]
+    out = []
+    for c, device in enumerate(devices):
+        t, m = cost.step_time_s(weakest.ranks, device), cost.memory_bytes(weakest.ranks)
+        budget = device.memory_bytes
+        fits = (step_time_s is None or t <= step_time_s) and (budget is None or m <= budget)
+        out.append(ClientPlan(client=c, device=device.name, cut_layer=weakest.cut_layer, ranks=dict(weakest.ranks),
+                              step_time_s=t, memory_bytes=m, fits=fits, memory_budget_bytes=budget,
+                              time_budget_s=step_time_s, names=dict(weakest.names)))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Export: an exact low-rank factorization of a dense update
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ _EXPORTS = {
     "load_peft_adapter": "splitlora_kernels.peft_compat",
     "multi_lora_linear": "splitlora_kernels.ops.multi_lora",
     "offsets_from_sizes": "splitlora_kernels.ops.multi_lora",
+    "MultiLoRALinear": "splitlora_kernels.multi_layer",
+    "adapter_groups": "splitlora_kernels.multi_layer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -40,7 +40,10 @@ model's dtype, which is what the server keeps.
 
 Memory (StepResult.extra, `memory_report()`): per client the trainable parameters, their
 gradients and the optimizer state (measured from the optimizer), next to what full-model federated
-fine-tuning would hold (every parameter trainable, with its gradient and optimizer state).
+fine-tuning would hold (every parameter trainable, with its gradient and optimizer state). Bytes:
+the transport counts every client's per round (the trainer's "round" records); `memory_report()`
+adds the last round's per client next to what full-model federated fine-tuning moves per client
+per round (the whole model up and down).
 
 Time model: every client runs in parallel; a step costs a forward through the whole model, an
 input-gradient backward (about one forward) through every part above the lowest trained block,
@@ -197,6 +200,8 @@ class FedCyBGD(Strategy):
         self._active_round: Optional[int] = None
         self._part_flops: Dict[int, List[float]] = {}
         self._last_memory: List[dict] = []
+        # (up, down) bytes per client of the last round that ended.
+        self._last_round_bytes: List[Tuple[int, int]] = []
 
     # -- schedule -----------------------------------------------------------------------------------
     def assignment(self, round_index: int) -> List[List[int]]:
@@ -349,9 +354,21 @@ class FedCyBGD(Strategy):
                 "grad_bytes": param_bytes, "optimizer_state_bytes": opt_bytes,
                 "training_state_bytes": 2 * param_bytes + opt_bytes}
 
+    def full_model_round_bytes(self) -> int:
+        """What full-model federated fine-tuning moves per client per round in each direction: the
+        whole model in its dtype, up (the client's update) and down (the average), before any
+        packet header."""
+        return sum(p.numel() * p.element_size() for p in self._params.values())
+
     def memory_report(self) -> dict:
-        """{"clients": per client (as of the last step), "full_model": full fine-tuning's}."""
-        return {"clients": [dict(m) for m in self._last_memory], "full_model": self.full_model_memory()}
+        """{"clients": per client (as of the last step, with the bytes it moved in the last round),
+        "full_model": full fine-tuning's training state and bytes per client per round}."""
+        clients = [dict(m) for m in self._last_memory]
+        for entry, moved in zip(clients, self._last_round_bytes):
+            entry.update({"last_round_up_bytes": moved[0], "last_round_down_bytes": moved[1]})
+        full = self.full_model_memory()
+        full["round_bytes_per_direction"] = self.full_model_round_bytes()
+        return {"clients": clients, "full_model": full}
 
     # -- end of round: upload, server update, download ---------------------------------------------------------
     def end_round(self, step: int) -> float:
@@ -435,6 +452,7 @@ class FedCyBGD(Strategy):
                     self.snapshots[key] = {k: self._dequantize(got[k], self._params[k]) for k in self.blocks[b].params}
                 held[c][b] = key[1:]
         self.held = held
+        self._last_round_bytes = list(zip(up, down))
         self._collect_snapshots()
         self._active = None
         self._active_round = None

@@ -19,9 +19,17 @@ from its budget and from the importance of the weights (`splitlora.hetero`):
   configuration. Every configuration is printed, kept in `plans`, reported per step in
   StepResult.extra (cut, total rank, estimates per client) and in the run summary
   (`memory_report()`).
-- The server: one segment from the shallowest allowed cut to the head, with its own adapters.
-  Clients with the same cut are batched into one forward from that cut (one forward per cut
-  group), one backward and one optimizer step over all of them.
+- `configuration: weakest` is the baseline that ignores heterogeneity: every client gets the most
+  constrained client's cut and ranks (estimates still per device).
+- The server: one segment from the shallowest allowed cut to the head. Clients with the same cut
+  are batched into one forward from that cut (one forward per cut group), one backward and one
+  optimizer step over all of them. Its adapters (`server_adapters`): `shared`, one per adapted
+  weight trained on every client's activations; or `per_client`, one per client at that client's
+  scale of lora.server.r (its mean rank over lora.client.r), held in MultiLoRALinear layers that
+  run every client's adapter over the batched activations in one launch of the multi-adapter
+  kernel (rows grouped by client). Per-client server adapters are aggregated like the clients'
+  (stacked, folded into the server's base weights) at the end of every round and restart at
+  their clients' ranks.
 - Aggregation (`aggregation: stacked`, noise-free): per adapted weight, the weighted mean of the
   updates of the parties that trained it this round, sum_i w_i s_i B_i A_i over the clients
   holding it, and, for a layer some clients hold and others reach through the server, the
@@ -63,13 +71,14 @@ import torch
 from torch import nn
 
 from splitlora_kernels.layers import lora_modules
+from splitlora_kernels.multi_layer import MultiLoRALinear, adapter_groups, multi_lora_modules
 
-from ..adapters import (LoraSpec, adapter_state, add_lora, clone_sharing_frozen, init_adapter, lora_plan,
-                        whole_model_names)
+from ..adapters import (LoraSpec, adapter_state, add_lora, clone_sharing_frozen, init_adapter, init_lora_pair,
+                        lora_plan, whole_model_names)
 from ..aggregate import (fold_into_weight, lora_pairs, lora_scalings, reinit_adapters, stack_adapters, truncate,
                          zero_pad_fedavg)
 from ..hetero import (GIB, ClientPlan, ImportanceTracker, SegmentCost, client_profiles, combine_importance,
-                      configure_clients_with_cuts, low_rank_factors, ranking_change)
+                      configure_clients_with_cuts, low_rank_factors, ranking_change, weakest_plan_for_all)
 from ..timemodel import count_params, forward_flops, train_flops
 from ..transport import SERVER, client_name
 from ..wire import pack_tensors
@@ -106,6 +115,15 @@ def share_parameters(segment: nn.Module, pool: Dict[str, torch.Tensor], *, adapt
                     table[leaf] = pool[full]
                 else:
                     pool[full] = tensor
+
+
+def _fresh_side(modules, train_cfg, old: Side) -> Side:
+    """A new optimizer for new adapter tensors; the learning-rate schedule of `old` carries on."""
+    side = Side(modules, train_cfg)
+    side.scheduler.load_state_dict(old.scheduler.state_dict())
+    for group, lr in zip(side.optimizer.param_groups, side.scheduler.get_last_lr()):
+        group["lr"] = lr
+    return side
 
 
 def _layer_index(segment: nn.Module, local: str) -> Optional[int]:
@@ -170,6 +188,13 @@ class HSplitLoRA(_SplitBase):
         for name, m in lora_modules(self.server).items():
             layer = self._server_layer[name]
             if layer is not None and layer < high:
+                self._foldable[self.server.full_model_name(name)] = (m.weight, m.fan_in_fan_out)
+        # server_adapters=per_client: server module name -> its MultiLoRALinear (one adapter per
+        # client); every one of them is folded every round, so all are foldable.
+        self._multi: Dict[str, MultiLoRALinear] = {}
+        if hc.server_adapters == "per_client":
+            self._install_per_client_server_adapters()
+            for name, m in self._multi.items():
                 self._foldable[self.server.full_model_name(name)] = (m.weight, m.fan_in_fan_out)
         self._trackers = [ImportanceTracker(hc.importance_beta, hc.importance) for _ in range(self.num_clients)]
         if hc.importance == "sensitivity" and cfg.train.aggregate_every == 1:
@@ -253,9 +278,49 @@ class HSplitLoRA(_SplitBase):
     # -- configuration -------------------------------------------------------------------------------
     def _configure(self) -> List[ClientPlan]:
         hc = self.hc
-        return configure_clients_with_cuts(self.devices, self._costs, self.importance, self._rank_per_weight,
-                                           min_rank=hc.min_rank, max_rank=hc.max_rank, step_time_s=hc.step_time_s,
-                                           names=self._whole)
+        plans = configure_clients_with_cuts(self.devices, self._costs, self.importance, self._rank_per_weight,
+                                            min_rank=hc.min_rank, max_rank=hc.max_rank, step_time_s=hc.step_time_s,
+                                            names=self._whole)
+        if hc.configuration == "weakest":
+            plans = weakest_plan_for_all(plans, self.devices, self._costs, step_time_s=hc.step_time_s)
+        return plans
+
+    def _server_ranks(self, plans: List[ClientPlan]) -> List[int]:
+        """server_adapters=per_client: client c's server-side rank, lora.server.r scaled like its
+        own ranks (its mean rank per adapted weight over lora.client.r), within [min_rank, max_rank]."""
+        r = self.cfg.lora.server.r
+        return [min(self.hc.max_rank, max(self.hc.min_rank, round(r * p.total_rank / len(p.ranks)
+                                                                  / self._rank_per_weight)))
+                for p in plans]
+
+    # -- per-client server adapters ----------------------------------------------------------------
+    def _install_per_client_server_adapters(self) -> None:
+        """Every adapted server module becomes a MultiLoRALinear with one adapter per client (at
+        `_server_ranks`), the same module object in the server and in every view."""
+        ranks = self._server_ranks(self.plans)
+        views = [v for v in self._views.values() if v is not self.server]
+        for name, module in lora_modules(self.server).items():
+            full = self.server.full_model_name(name)
+            multi = MultiLoRALinear.from_lora_layer(module, ranks)
+            self.server.set_submodule(name, multi)
+            for view in views:
+                local = view.local_name(full)
+                if local is not None:
+                    view.set_submodule(local, multi)
+            self._multi[name] = multi
+        self._init_server_adapters(self._seed(0), ranks)
+
+    @torch.no_grad()
+    def _init_server_adapters(self, seed: int, ranks: List[int]) -> None:
+        """Every client's server adapters at `ranks`: A seeded by the module's whole-model name (as
+        the clients' own), B = 0; a new server optimizer (the learning-rate schedule carries on)."""
+        for name, multi in self._multi.items():
+            full = self.server.full_model_name(name)
+            for c, r in enumerate(ranks):
+                if multi.ranks[c] != r:
+                    multi.set_rank(c, r)
+                init_lora_pair(multi.lora_A[c], multi.lora_B[c], seed, full)
+        self.server_side = _fresh_side([self.server], self.cfg.train, self.server_side)
 
     def _seed(self, round_index: int) -> int:
         # Round 0 starts from the adapters every strategy starts from (same seed, same names); each
@@ -275,16 +340,13 @@ class HSplitLoRA(_SplitBase):
         self._new_side(c)
 
     def _new_side(self, c: int) -> None:
-        # A new optimizer for new adapter tensors; the learning-rate schedule carries on.
-        old = self.client_sides[c]
-        side = Side([self.parts[c]], self.cfg.train)
-        side.scheduler.load_state_dict(old.scheduler.state_dict())
-        for group, lr in zip(side.optimizer.param_groups, side.scheduler.get_last_lr()):
-            group["lr"] = lr
-        self.client_sides[c] = side
+        self.client_sides[c] = _fresh_side([self.parts[c]], self.cfg.train, self.client_sides[c])
 
     def _announce(self, reason: str) -> None:
         lines = [f"hsplitlora, round {self.rounds_done}: {reason}"] + ["  " + p.describe() for p in self.plans]
+        if self._multi:
+            lines.append("  server adapters per client, ranks: "
+                         + ", ".join(f"client{c}={r}" for c, r in enumerate(self._server_ranks(self.plans))))
         text = "\n".join(lines)
         logger.info(text)
         self._log(text)
@@ -300,6 +362,9 @@ class HSplitLoRA(_SplitBase):
             out[f"client{c}_est_step_s"] = float(p.step_time_s)
             out[f"client{c}_est_memory_gib"] = float(p.memory_bytes / GIB)
             out[f"client{c}_fits"] = 1.0 if p.fits else 0.0
+        if self._multi:
+            for c, r in enumerate(self._server_ranks(self.plans)):
+                out[f"client{c}_server_rank"] = float(r)
         return out
 
     # -- training ----------------------------------------------------------------------------------------
@@ -320,10 +385,20 @@ class HSplitLoRA(_SplitBase):
             losses: List[Optional[torch.Tensor]] = [None] * n_group
             inputs = []
             for cut in sorted(by_cut):
-                idx = by_cut[cut]
+                # In client order: with per-client server adapters, the rows of client c are the
+                # c-th group of every MultiLoRALinear (one launch for all of them).
+                idx = sorted(by_cut[cut], key=lambda i: group[i])
                 sizes = [received[i].shape[0] for i in idx]
                 h = torch.cat([received[i] for i in idx]).requires_grad_(True)
-                out = self._views[cut](h, torch.cat([metas[i]["attention_mask"] for i in idx]))
+                mask = torch.cat([metas[i]["attention_mask"] for i in idx])
+                if self._multi:
+                    per_client = [0] * self.num_clients
+                    for i, n in zip(idx, sizes):
+                        per_client[group[i]] = n
+                    with adapter_groups(self._views[cut], per_client):
+                        out = self._views[cut](h, mask)
+                else:
+                    out = self._views[cut](h, mask)
                 for i, logits in zip(idx, out.split(sizes)):
                     losses[i] = causal_lm_loss(logits, metas[i]["labels"])
                 inputs.append((h, idx, sizes))
@@ -425,6 +500,16 @@ class HSplitLoRA(_SplitBase):
             scalings = lora_scalings(self.parts[c])
             for m, (a, b) in lora_pairs(state).items():
                 contributions.setdefault(self._whole[m], []).append((_upcast(a), _upcast(b), w[c], scalings[m]))
+        for name, multi in self._multi.items():
+            # Per-client server adapters: client c's, for the clients whose activations ran through
+            # the layer (all of them on the head), each with its own weight.
+            layer = self._server_layer[name]
+            full = self.server.full_model_name(name)
+            for c in range(len(cuts)):
+                if layer is None or cuts[c] <= layer:
+                    contributions.setdefault(full, []).append(
+                        (_upcast(multi.lora_A[c].detach()), _upcast(multi.lora_B[c].detach()), w[c],
+                         multi.scaling(c)))
         server_scalings = lora_scalings(self.server)
         for name, module in lora_modules(self.server).items():
             layer = self._server_layer[name]
@@ -498,8 +583,11 @@ class HSplitLoRA(_SplitBase):
 
     @torch.no_grad()
     def _restart_server_adapters(self, limit: int, seed: int) -> None:
-        """The server's adapters on layers below `limit` were folded: B = 0, fresh A, no optimizer
-        state (in place: the views keep sharing them)."""
+        """The server's adapters on layers below `limit` (per-client ones: all) were folded: B = 0,
+        fresh A, no optimizer state (in place: the views keep sharing them)."""
+        if self._multi:
+            self._init_server_adapters(seed, self._server_ranks(self.plans))
+            return
         modules = lora_modules(self.server)
         state = self.server_side.optimizer.state
         for name, layer in self._server_layer.items():
@@ -565,6 +653,9 @@ class HSplitLoRA(_SplitBase):
         cut = min(self._cuts())
         client = clone_sharing_frozen(self._templates[cut])
         server = clone_sharing_frozen(self._views[cut])
+        # Per-client server adapters are all in the preview (their weighted mean): the base alone.
+        for local, multi in multi_lora_modules(server).items():
+            server.set_submodule(local, multi.base_only())
         for full, (a, b, scaling) in self._preview().items():
             for segment in (client, server):
                 local = segment.local_name(full)
@@ -643,6 +734,9 @@ class HSplitLoRA(_SplitBase):
                 "memory_budget_bytes": p.memory_budget_bytes, "step_time_budget_s": p.time_budget_s,
                 "fits": p.fits,
             })
+        if self._multi:
+            for entry, r in zip(clients, self._server_ranks(self.plans)):
+                entry["server_rank"] = r
         return {"clients": clients, "server": count_params(self.server, trainable_only=True),
                 "reconfigurations": self.reconfigurations}
 
@@ -664,6 +758,9 @@ class HSplitLoRA(_SplitBase):
             "rounds_done": self.rounds_done,
             "reconfigurations": self.reconfigurations,
             "last_change": self.last_change,
+            # Per-client server adapters, {module: [(A, B) per client]} (their ranks follow the plans).
+            "server_per_client": {name: [(a.detach().clone(), b.detach().clone())
+                                         for a, b in zip(m.lora_A, m.lora_B)] for name, m in self._multi.items()},
         }
         return state
 
@@ -685,4 +782,14 @@ class HSplitLoRA(_SplitBase):
         self.rounds_done = int(h["rounds_done"])
         self.reconfigurations = int(h["reconfigurations"])
         self.last_change = None if h["last_change"] is None else float(h["last_change"])
+        if self._multi:
+            # Ranks first (a new server optimizer over the new tensors), then the values; the
+            # optimizer state loads below.
+            self._init_server_adapters(self._seed(0), self._server_ranks(self.plans))
+            with torch.no_grad():
+                for name, pairs in h["server_per_client"].items():
+                    multi = self._multi[name]
+                    for c, (a, b) in enumerate(pairs):
+                        multi.lora_A[c].copy_(a)
+                        multi.lora_B[c].copy_(b)
         super().load_state_dict(state)

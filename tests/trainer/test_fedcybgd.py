@@ -133,6 +133,17 @@ def test_memory_is_one_block_against_the_full_model(tmp_path):
     assert e["full_model_training_state_bytes"] > 3 * e["training_state_bytes"]
     report = strategy.memory_report()
     assert len(report["clients"]) == 2 and report["full_model"]["trainable_params"] == e["full_model_trainable_params"]
+    # Bytes per client per round: one block up (its safetensors packet), against the whole model
+    # that full-model federated fine-tuning would upload.
+    strategy.end_round(0)
+    report = strategy.memory_report()
+    whole = sum(p.numel() * p.element_size() for p in strategy.model.parameters())
+    assert report["full_model"]["round_bytes_per_direction"] == whole
+    for c, entry in enumerate(report["clients"]):
+        trained = strategy.blocks[entry["blocks"][0]]
+        block_bytes = sum(params[k].numel() * params[k].element_size() for k in trained.params)
+        assert block_bytes < entry["last_round_up_bytes"] < block_bytes + 4096  # plus the packet header
+        assert entry["last_round_up_bytes"] < whole / 2
     # Time model: training the lowest layer costs a backward through everything above it.
     assert strategy._flops([0], 4) > strategy._flops([2], 4) > 0
 

@@ -1,4 +1,5 @@
 """HSplitLoRA: budgets, importance, reconfiguration, noise-free fold, learning, resume, CLI."""
+import copy
 import json
 from pathlib import Path
 
@@ -311,12 +312,17 @@ def test_cli_trains_the_shipped_config_and_exports_the_folded_update(tmp_path, c
     ("hsplitlora.devices.phone.tflops=-1", "hsplitlora.devices.phone.tflops"),
     ("hsplitlora.devices.phone.ram=4", "hsplitlora.devices.phone.ram"),
     ("hsplitlora.rank=4", "hsplitlora.rank"),
+    ("hsplitlora.configuration=strongest", "hsplitlora.configuration"),
+    ("hsplitlora.server_adapters=each", "hsplitlora.server_adapters"),
+    ("hsplitlora.server_adapters=per_client hsplitlora.aggregation=zero_pad hsplitlora.min_cut_layer=2",
+     "hsplitlora.server_adapters: per_client needs hsplitlora.aggregation=stacked"),
+    ("hsplitlora.server_adapters=per_client lora.server.dropout=0.1", "set lora.server.dropout=0"),
 ])
 def test_config_errors_name_the_key(override, key):
     from splitlora.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key):
-        load_config(CONFIG, [override])
+        load_config(CONFIG, override.split(" "))
 
 
 # ------------------------------------------------------------------------------------ clients at different cuts
@@ -426,3 +432,136 @@ def test_a_deepening_client_downloads_its_new_layer_and_state_restores_the_cuts(
     assert [p.cut_layer for p in restored.plans] == [2, 2, 2]
     assert [restored.train_step(4).loss] == expected
     assert sum(losses[-2:]) < sum(losses[:2])
+
+
+# ------------------------------------------------------------------------------------ per-client server adapters
+
+def _through_as(strategy, part, cut, batch, client):
+    """`_through` with the server's adapters of `client` (per-client server adapters)."""
+    from splitlora_kernels.multi_layer import adapter_groups
+
+    sizes = [0] * strategy.num_clients
+    sizes[client] = batch["input_ids"].shape[0]
+    with adapter_groups(strategy._views[cut], sizes):
+        return _through(strategy, part, cut, batch)
+
+
+def test_per_client_server_adapters_run_in_one_launch_and_fold_exactly(tmp_path, monkeypatch):
+    from splitlora_kernels import multi_layer
+    from splitlora_kernels.multi_layer import MultiLoRALinear
+
+    built, strategy = _start(tiny_config(tmp_path, "strategy=hsplitlora", "train.clients=3", "lora.client.r=4",
+                                         "hsplitlora.server_adapters=per_client", *CUTS))
+    assert [p.cut_layer for p in strategy.plans] == [2, 1, 1]
+    multis = {n: m for n, m in strategy.server.named_modules() if isinstance(m, MultiLoRALinear)}
+    assert set(multis) == {"h.1.attn.c_attn", "h.2.attn.c_attn", "lm_head"}
+    # The server ranks follow the clients': lora.server.r (8) scaled by each client's mean rank / 4.
+    expected_ranks = [round(8 * p.total_rank / len(p.ranks) / 4) for p in strategy.plans]
+    assert all(m.ranks == expected_ranks for m in multis.values()) and expected_ranks[0] > expected_ranks[1]
+    # The views share the modules: the cut-2 view runs the same object for layer 2.
+    assert strategy._views[2].get_submodule("h.2.attn.c_attn") is multis["h.2.attn.c_attn"]
+
+    # One call of the batched op per module and forward, rows grouped by client (0 rows for the
+    # clients of the other cut group).
+    calls = []
+    real = multi_layer.multi_lora_linear
+
+    def spy(x, weight, lora_as, lora_bs, scalings, offsets, bias=None):
+        calls.append((x.shape[0], tuple(b - a for a, b in zip(offsets, offsets[1:]))))
+        return real(x, weight, lora_as, lora_bs, scalings, offsets, bias)
+
+    monkeypatch.setattr(multi_layer, "multi_lora_linear", spy)
+    built.setup.transport.set_round(0)
+    strategy.train_step(0)
+    seq = built.setup.seq_len
+    assert len(calls) == 3 + 2  # cut-1 group: layers 1, 2 and the head; cut-2 group: layer 2 and the head
+    assert sorted(calls) == sorted([(8, (0, 4 * seq, 4 * seq))] * 3 + [(4, (4 * seq, 0, 0))] * 2)
+    monkeypatch.undo()
+    strategy.train_step(1)
+
+    # The round folds, per server weight, the weighted mean of the per-client updates of the clients
+    # whose activations ran through it (every client on the head; the slow ones on layer 1, where
+    # the fast client's own adapter stands in for its share).
+    w = torch.tensor(built.setup.client_weights, dtype=torch.float64)
+    w = w / w.sum()
+
+    def server_update(name, c):
+        m = multis[name]
+        return m.scaling(c) * (m.lora_B[c].detach().double() @ m.lora_A[c].detach().double())
+
+    client = strategy.parts[0]["head"]
+    fast = lora_modules(client)["h.1.attn.c_attn"]
+    fast_update = fast.scaling * (fast.lora_B.detach().double() @ fast.lora_A.detach().double())
+    assert all(float(server_update(n, c).abs().max()) > 1e-6 for n in multis for c in (1, 2))
+    expected = {
+        "transformer.h.1.attn.c_attn": float(w[0]) * fast_update + sum(float(w[c]) * server_update("h.1.attn.c_attn", c)
+                                                                       for c in (1, 2)),
+        "transformer.h.2.attn.c_attn": sum(float(w[c]) * server_update("h.2.attn.c_attn", c) for c in range(3)),
+        "lm_head": sum(float(w[c]) * server_update("lm_head", c) for c in range(3)),
+    }
+    foldable = strategy._foldable
+    before = {k: foldable[k][0].detach().double().clone() for k in expected}
+    strategy.end_round(1)
+    for full, delta in expected.items():
+        got = foldable[full][0].detach().double() - before[full]
+        torch.testing.assert_close(got, delta if full == "lm_head" else delta.t(), rtol=0, atol=1e-6, msg=full)
+    # Every server adapter restarted (B = 0) at its client's rank, and every path and the global
+    # model compute the same (folded) model again.
+    assert all(float(b.detach().abs().max()) == 0 for m in multis.values() for b in m.lora_B)
+    batch = built.eval_data.batch(list(range(4)))
+    via_fast = _through_as(strategy, strategy.parts[0], 2, batch, 0)
+    torch.testing.assert_close(_through_as(strategy, strategy.parts[1], 1, batch, 1), via_fast, rtol=1e-5, atol=1e-5)
+    strategy.train(False)
+    with torch.no_grad():
+        torch.testing.assert_close(strategy.logits_fn()(batch["input_ids"], batch["attention_mask"]), via_fast,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_per_client_server_adapters_resume_and_export(tmp_path):
+    extra = ["codec.bits=8", "train.steps=6", "hsplitlora.reconfigure_threshold=0.0",
+             "hsplitlora.server_adapters=per_client", *CUTS]
+    full = train(_hsplit(tmp_path, *extra, name="full"), **QUIET)
+    train(_hsplit(tmp_path, *extra, "train.steps=4", name="resumed"), **QUIET)
+    resumed = train(_hsplit(tmp_path, *extra, "resume=true", name="resumed"), **QUIET)
+    assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
+    assert resumed["bytes_total"] == full["bytes_total"]
+    assert [c["server_rank"] for c in full["trainable_params"]["clients"]] == \
+        [c["server_rank"] for c in resumed["trainable_params"]["clients"]]
+    _assert_export_gives_the_runs_logits(tmp_path / "full")
+
+    # A state taken mid-round (per-client server adapters trained, not yet folded) restores into a
+    # fresh strategy, which then continues identically.
+    cfg = _hsplit(tmp_path, *extra, name="state")
+    built, strategy = _start(cfg)
+    _steps(built, strategy, 3)
+    # Deep-copied, as a checkpoint on disk is: optimizer.load_state_dict keeps the very tensors it
+    # is given, which the original's next step would otherwise update under the restored one.
+    state = copy.deepcopy(strategy.state_dict())
+    loaders = [l.state_dict() for l in built.setup.loaders]
+    rng = torch.get_rng_state()
+    expected = strategy.train_step(3).loss
+    built2, restored = _start(cfg)
+    restored.load_state_dict(state)
+    for loader, s in zip(built2.setup.loaders, loaders):
+        loader.load_state_dict(s)
+    torch.set_rng_state(rng)
+    assert restored.train_step(3).loss == expected
+    for name, multi in strategy._multi.items():
+        for a, b in zip(multi.lora_A, restored._multi[name].lora_A):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_weakest_configuration_gives_every_client_the_most_constrained_plan(tmp_path):
+    built, strategy = _start(tiny_config(tmp_path, "strategy=hsplitlora", "train.clients=3", "lora.client.r=4",
+                                         *CUTS))
+    per_client = strategy.plans
+    _, weakest = _start(tiny_config(tmp_path, "strategy=hsplitlora", "train.clients=3", "lora.client.r=4",
+                                    "hsplitlora.configuration=weakest", *CUTS, name="weakest"))
+    slow = per_client[1]
+    assert per_client[0].total_rank > slow.total_rank
+    for c, plan in enumerate(weakest.plans):
+        assert (plan.cut_layer, plan.ranks) == (slow.cut_layer, slow.ranks)
+        assert plan.device == per_client[c].device
+        assert plan.step_time_s == pytest.approx(weakest._costs[slow.cut_layer].step_time_s(
+            slow.ranks, weakest.devices[c]))
+    assert [p["head"].layer_range for p in weakest.parts] == [(0, 1)] * 3
