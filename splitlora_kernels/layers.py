@@ -68,6 +68,20 @@ def _check_hyperparameters(r, lora_alpha, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be a probability in [0, 1); got {lora_dropout!r}.")
 
 
+def freeze_base(weight: torch.Tensor, bias, fan_in_fan_out: bool):
+    """Checks a base layer's weight ([out, in], or [in, out] with fan_in_fan_out) and bias ([out]
+    or None), freezes them and returns (in_features, out_features)."""
+    if weight.dim() != 2:
+        raise ValueError(f"the base weight must be 2-D; got shape {tuple(weight.shape)}.")
+    in_features, out_features = weight.shape if fan_in_fan_out else reversed(weight.shape)
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"the base bias must have shape ({out_features},) to match the weight; got {tuple(bias.shape)}.")
+    weight.requires_grad_(False)
+    if bias is not None:
+        bias.requires_grad_(False)
+    return in_features, out_features
+
+
 class FusedLoRALinear(nn.Module):
     """A linear layer with a frozen base weight and a trainable low-rank update:
 
@@ -108,20 +122,8 @@ class FusedLoRALinear(nn.Module):
     # rather than allocate (and randomly initialise) a second full-size weight.
     def _setup(self, weight, bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora) -> None:
         _check_hyperparameters(r, lora_alpha, lora_dropout)
-        if weight.dim() != 2:
-            raise ValueError(f"the base weight must be 2-D; got shape {tuple(weight.shape)}.")
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(
-                f"the base bias must have shape ({self.out_features},) to match the weight; got {tuple(bias.shape)}."
-            )
-        weight.requires_grad_(False)
-        if bias is not None:
-            bias.requires_grad_(False)
+        self.in_features, self.out_features = freeze_base(weight, bias, self.fan_in_fan_out)
         self.weight = weight
         self.bias = bias
         self.lora_alpha = float(lora_alpha)

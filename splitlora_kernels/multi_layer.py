@@ -25,7 +25,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import FusedLoRALinear
+from .layers import FusedLoRALinear, freeze_base
 from .ops.multi_lora import multi_lora_linear, offsets_from_sizes
 
 
@@ -44,22 +44,12 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], ranks: Sequence[int], lora_alpha: float,
                  *, use_rslora: bool = False, fan_in_fan_out: bool = False) -> None:
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"the base weight must be 2-D; got shape {tuple(weight.shape)}.")
         if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) == 0:
             raise ValueError(f"ranks must be a non-empty list of integers >= 1 (one per adapter); got {ranks!r}.")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be a number > 0; got {lora_alpha!r}.")
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"the base bias must have shape ({self.out_features},); got {tuple(bias.shape)}.")
-        weight.requires_grad_(False)
-        if bias is not None:
-            bias.requires_grad_(False)
+        self.in_features, self.out_features = freeze_base(weight, bias, self.fan_in_fan_out)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         self.lora_alpha = float(lora_alpha)
