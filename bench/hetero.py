@@ -125,8 +125,13 @@ def client_rows(run: dict) -> list:
     rows = []
     for c, info in enumerate(clients):
         b = s["bytes"].get(f"client{c}", {})
-        rows.append({**info, "client": c, "up": sum(b.get("up", {}).values()), "down": sum(b.get("down", {}).values()),
-                     "adapters": b.get("up", {}).get("adapters", 0) + b.get("down", {}).get("adapters", 0)})
+        row = {**info, "client": c, "up": sum(b.get("up", {}).values()), "down": sum(b.get("down", {}).values()),
+               "adapters": b.get("up", {}).get("adapters", 0) + b.get("down", {}).get("adapters", 0)}
+        measured = info.get("measured_activation_bytes")
+        # The step's memory with the activations measured instead of estimated.
+        row["measured_memory_bytes"] = (None if measured is None else
+                                        info["est_memory_bytes"] - info["est_activation_bytes"] + measured)
+        rows.append(row)
     return rows
 
 
@@ -168,13 +173,18 @@ def plot(runs: list, plots_dir: Path) -> list:
         rows = client_rows(r)
         xs = [row["client"] + (i - (len(runs) - 1) / 2) * width for row in rows]
         axes[0].bar(xs, [row["est_memory_bytes"] / 2**20 for row in rows], width, label=r["name"])
+        measured = [(x, row["measured_memory_bytes"] / 2**20) for x, row in zip(xs, rows)
+                    if row.get("measured_memory_bytes") is not None]
+        if measured:
+            axes[0].scatter(*zip(*measured), color="black", marker="_", s=60, zorder=3,
+                            label="with measured activations" if i == 0 else None)
         axes[1].bar(xs, [(row["up"] + row["down"]) / 2**20 for row in rows], width, label=r["name"])
     budgets = [row.get("memory_budget_bytes") for row in client_rows(runs[0])]
     for c, budget in enumerate(budgets):
         if budget:
             axes[0].hlines(budget / 2**20, c - 0.45, c + 0.45, colors="black", linestyles="--", linewidth=1)
     names = [f"{row['client']}: {row['device']}" for row in client_rows(runs[0])]
-    for ax, ylabel, title in ((axes[0], "MiB", "client step memory (cost model; dashed: budget)"),
+    for ax, ylabel, title in ((axes[0], "MiB", "client step memory: estimate (bars), with measured activations (ticks); dashed: budget"),
                               (axes[1], "MiB", "bytes sent + received per client")):
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=8)
@@ -245,17 +255,24 @@ def section(runs: list, suite: dict, plots: list, results: Path) -> str:
             f"| {fmt_bytes(sum(row['adapters'] for row in rows))} | {sum(row['trainable_params'] for row in rows):,} "
             f"| {s['trainable_params']['server']:,} |")
     lines += ["", "Per client, at the end of each run (configuration after the last reconfiguration; memory: the "
-              "cost model's estimate of the client step, against the budget; bytes: everything the client sent "
-              "and received over the run):", "",
-              "| run | client | cut | total rank | server rank | est. memory / budget | fits | est. step | up | down |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "cost model's estimate of the client step (frozen weights, adapters with gradients and optimizer "
+              "state, activations kept for the backward), against the budget; \"with measured activations\": the "
+              "same with the activations the client's last forward really saved for its backward "
+              "(`splitlora.memory.SavedActivationMeter`) in place of the estimate; bytes: everything the client "
+              "sent and received over the run):", "",
+              "| run | client | cut | total rank | server rank | est. memory / budget | with measured activations "
+              "| activations measured / est. | fits | est. step | up | down |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         for row in client_rows(r):
             budget = row.get("memory_budget_bytes")
             mem = f"{row['est_memory_bytes'] / 2**20:.2f} / {budget / 2**20:.2f} MiB" if budget else \
                 f"{row['est_memory_bytes'] / 2**20:.2f} MiB"
+            measured, act = row.get("measured_memory_bytes"), row.get("measured_activation_bytes")
+            with_measured = "-" if measured is None else f"{measured / 2**20:.2f} MiB"
+            acts = "-" if act is None else f"{act / 2**20:.2f} / {row['est_activation_bytes'] / 2**20:.2f} MiB"
             lines.append(f"| {r['name']} | {row['client']} ({row['device']}) | {row['cut_layer']} | "
-                         f"{row['total_rank']} | {row.get('server_rank', '-')} | {mem} | "
+                         f"{row['total_rank']} | {row.get('server_rank', '-')} | {mem} | {with_measured} | {acts} | "
                          f"{'yes' if row['fits'] else 'NO'} | {row['est_step_s'] * 1e3:.1f} ms | "
                          f"{fmt_bytes(row['up'])} | {fmt_bytes(row['down'])} |")
     lines += ["", *observations(runs, target), ""]

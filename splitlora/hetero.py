@@ -284,14 +284,19 @@ class SegmentCost:
         return (device.compute(2.0 * self.forward_flops(ranks)) + device.transfer(self.up_bytes)
                 + device.transfer(self.down_bytes))
 
-    def memory_bytes(self, ranks: Mapping[str, int]) -> float:
-        adapter = self.adapter_params(ranks) * self.element_bytes
+    def activation_bytes(self, ranks: Mapping[str, int]) -> float:
+        """What the forward keeps for the backward (splitlora.memory.SavedActivationMeter measures it)."""
         tokens = self.batch * self.seq_len
         per_layer = (ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN * tokens * self.hidden
                      + ACTIVATION_ELEMENTS_PER_ATTENTION_SCORE * self.batch * self.heads * self.seq_len ** 2)
         lora_intermediates = tokens * sum(int(ranks[w.name]) for w in self.weights)
-        activations = (self.layers * per_layer + tokens * self.hidden + lora_intermediates) * self.element_bytes
-        return float(self.frozen_bytes + adapter * (2 + self.optimizer_states) + activations)
+        return float((self.layers * per_layer + tokens * self.hidden + lora_intermediates) * self.element_bytes)
+
+    def memory_bytes(self, ranks: Mapping[str, int]) -> float:
+        """The client step's memory: frozen weights, adapters with their gradients and optimizer
+        state, and the activations kept for the backward."""
+        adapter = self.adapter_params(ranks) * self.element_bytes
+        return float(self.frozen_bytes + adapter * (2 + self.optimizer_states) + self.activation_bytes(ranks))
 
 
 # --------------------------------------------------------------------------------------------

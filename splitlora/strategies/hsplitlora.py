@@ -19,6 +19,11 @@ from its budget and from the importance of the weights (`splitlora.hetero`):
   configuration. Every configuration is printed, kept in `plans`, reported per step in
   StepResult.extra (cut, total rank, estimates per client) and in the run summary
   (`memory_report()`).
+- Memory: the planner estimates a client step's memory (`SegmentCost.memory_bytes`); each client
+  step also measures the activations its forward really keeps for the backward
+  (`splitlora.memory.SavedActivationMeter`), reported per step and in `memory_report()` next to
+  the estimate (on GPT-2 shapes the estimate, Korthikanti et al.'s count, is 1.5 to 1.7x the
+  measurement: conservative).
 - `configuration: weakest` is the baseline that ignores heterogeneity: every client gets the most
   constrained client's cut and ranks (estimates still per device).
 - The server: one segment from the shallowest allowed cut to the head. Clients with the same cut
@@ -79,6 +84,7 @@ from ..aggregate import (fold_into_weight, lora_pairs, lora_scalings, reinit_ada
                          zero_pad_fedavg)
 from ..hetero import (GIB, ClientPlan, ImportanceTracker, SegmentCost, client_profiles, combine_importance,
                       configure_clients_with_cuts, low_rank_factors, ranking_change, weakest_plan_for_all)
+from ..memory import SavedActivationMeter
 from ..timemodel import count_params, forward_flops, train_flops
 from ..transport import SERVER, client_name
 from ..wire import pack_tensors
@@ -206,6 +212,9 @@ class HSplitLoRA(_SplitBase):
         self.rounds_done = 0
         self.reconfigurations = 0
         self.last_change: Optional[float] = None
+        # Per client, the bytes its last forward saved for the backward (measured; the planner
+        # estimates them with SegmentCost.activation_bytes).
+        self._activation_bytes: Dict[int, int] = {}
         for c in range(self.num_clients):
             self._restart_adapters(c, self._seed(0))
         self._announce("initial configuration (uniform importance)")
@@ -362,6 +371,9 @@ class HSplitLoRA(_SplitBase):
             out[f"client{c}_est_step_s"] = float(p.step_time_s)
             out[f"client{c}_est_memory_gib"] = float(p.memory_bytes / GIB)
             out[f"client{c}_fits"] = 1.0 if p.fits else 0.0
+            out[f"client{c}_est_activation_bytes"] = float(self._costs[p.cut_layer].activation_bytes(p.ranks))
+            if c in self._activation_bytes:
+                out[f"client{c}_activation_bytes"] = float(self._activation_bytes[c])
         if self._multi:
             for c, r in enumerate(self._server_ranks(self.plans)):
                 out[f"client{c}_server_rank"] = float(r)
@@ -372,6 +384,15 @@ class HSplitLoRA(_SplitBase):
         result = self._exchange(step, list(range(self.num_clients)))
         result.extra.update(self._plan_metrics())
         return result
+
+    def _client_forward(self, c: int, step: int):
+        # Measure what the client's forward keeps for its backward: the memory term the planner
+        # estimates (its parameters, frozen and adapters, are left out).
+        meter = SavedActivationMeter(exclude=self.parts[c].parameters())
+        with meter:
+            out = super()._client_forward(c, step)
+        self._activation_bytes[c] = meter.bytes
+        return out
 
     def _server_compute(self, step: int, group, received, metas):
         """One forward per cut group (the clients with that cut batched), one backward over the
@@ -731,6 +752,8 @@ class HSplitLoRA(_SplitBase):
                 "ranks": {self._whole[m]: r for m, r in p.ranks.items()},
                 "trainable_params": self._costs[p.cut_layer].adapter_params(p.ranks),
                 "est_step_s": p.step_time_s, "est_memory_bytes": p.memory_bytes,
+                "est_activation_bytes": self._costs[p.cut_layer].activation_bytes(p.ranks),
+                "measured_activation_bytes": self._activation_bytes.get(p.client),
                 "memory_budget_bytes": p.memory_budget_bytes, "step_time_budget_s": p.time_budget_s,
                 "fits": p.fits,
             })

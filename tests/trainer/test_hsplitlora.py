@@ -235,6 +235,11 @@ def test_hsplitlora_learns_and_reports_its_configuration(tmp_path):
     assert result.extra["client1_fits"] == 1.0 and result.extra["client1_est_memory_gib"] > 0
     report = strategy.memory_report()
     assert [c["device"] for c in report["clients"]] == ["big", "small", "small"]
+    # The planner's activation estimate (Korthikanti et al.'s per-layer count) against what the
+    # client's forward really kept for its backward: conservative, and of the same order.
+    for c in report["clients"]:
+        assert 0.3 * c["est_activation_bytes"] < c["measured_activation_bytes"] < c["est_activation_bytes"]
+    assert result.extra["client0_activation_bytes"] == report["clients"][0]["measured_activation_bytes"]
     assert report["clients"][0]["trainable_params"] > report["clients"][1]["trainable_params"]
 
 
