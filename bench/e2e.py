@@ -3,6 +3,7 @@
     python -m bench.e2e --size cpu --report                      # the CPU size, then bench.report
     python -m bench.e2e --size cpu --steps 4 --only splitlora-int8,centralized   # smoke check (runs/e2e-quick/)
     python -m bench.e2e --size gpu                               # GPT-2 medium shape (a GPU machine)
+    python -m bench.e2e --size quality-cpu --report              # BLEU, ROUGE-L, perplexity of SmolLM2-135M
 
 Each run is one `splitlora.trainer.train(cfg)` into `<out>/<name>/` (default `runs/e2e/`; quick tries
 with --steps, --eval-every or --set into `runs/e2e-quick/`), in a
@@ -16,6 +17,13 @@ process of its own so that its peak memory is its own and a failing run does not
     splitlora-int4-ef  SplitLoRA, int4 packets with error feedback
     fedcybgd           full-parameter cycle block descent (when the strategy exists)
     hsplitlora         heterogeneous-rank SplitLoRA (when the strategy exists)
+    pretrained         no training: the model as loaded, evaluated like the others (quality sizes)
+
+Each size runs its own list of these (SIZES[size]["runs"]). The quality sizes (`quality-cpu`, and
+`quality-gpu` for a GPU machine) fine-tune the real pretrained SmolLM2-135M (configs/bench-quality.yaml)
+with centralized, fedlora and splitlora at fp32, int8 and int4 with error feedback, and score
+BLEU, ROUGE-L and perplexity on e2e/testset_w_refs.csv: the SplitLoRA paper's E2E comparison;
+`python -m bench.report --runs runs/quality` writes their section of bench/RESULTS.md.
 
 All runs share one config (`configs/bench-cpu.yaml` for the CPU size; the GPU size is
 `configs/gpt2-medium-e2e.yaml` with the overrides in SIZES) and differ only in `strategy`, the
@@ -54,6 +62,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Every run: name -> (strategy, overrides on top of the size's config).
 RUNS = {
+    # No training step: the pretrained model as loaded (the baseline that shows what fine-tuning
+    # did). The trainer needs at least one step, so child() builds the run exactly as the trainer
+    # does and runs only its final evaluation (see evaluate_untrained).
+    "pretrained": ("centralized", []),
     "centralized": ("centralized", []),
     "fedlora": ("fedlora", []),
     "sl": ("sl", ["codec.bits=32"]),
@@ -65,22 +77,46 @@ RUNS = {
     "fedcybgd": ("fedcybgd", ["train.lr=1e-3"]),
     "hsplitlora": ("hsplitlora", ["codec.bits=32"]),
 }
+# Runs that evaluate without training.
+EVAL_ONLY = ("pretrained",)
 # Strategies that exist only once their issue is done: run when the package has them.
 OPTIONAL = ("fedcybgd", "hsplitlora")
+# The runs of the comparison of SplitLoRA with its baselines (sizes cpu and gpu).
+COMPARISON = ("centralized", "fedlora", "sl", "splitlora-fp32", "splitlora-int8", "splitlora-int4-ef",
+              "fedcybgd", "hsplitlora")
+# The runs of the E2E quality comparison (the SplitLoRA paper's table), and the untrained baseline.
+QUALITY = ("pretrained", "centralized", "fedlora", "splitlora-fp32", "splitlora-int8", "splitlora-int4-ef")
 
 SIZES = {
     # The CPU size: everything is in the config file (see its comments for the sizing).
-    "cpu": {"config": "configs/bench-cpu.yaml", "out": "runs/e2e", "overrides": [], "data": {
-        "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/test.txt"}},
+    "cpu": {"config": "configs/bench-cpu.yaml", "out": "runs/e2e", "overrides": [], "runs": COMPARISON,
+            "threads": 1, "data": {"data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/test.txt"}},
     # The GPU size: the paper's GPT-2 medium shape (24 layers, d 1024) with random weights (no
     # pretrained GPT-2 medium is reachable here), GPT-2 tokenizer. Not run yet: the learning rate
     # and the LM-head adapter (a random model needs it to learn) are untested guesses.
     "gpu": {"config": "configs/gpt2-medium-e2e.yaml", "out": "runs/e2e-gpu", "overrides": [
         "device=cuda", "train.steps=1000", "train.eval_every=100", "train.checkpoint_every=0",
         "train.lr=1e-3", "lora.server.target_modules=[c_attn,lm_head]", "eval.num_beams=1",
-        "eval.max_sources=50"], "data": {
+        "eval.max_sources=50"], "runs": COMPARISON, "threads": None, "data": {
         "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/test.txt",
         "data.tokenizer": "gpt2-tokenizer"}},
+    # E2E quality on a CPU: SmolLM2-135M fine-tuned for 80 steps on valid.txt (480 of its lines),
+    # scored on a subset of testset_w_refs.csv (read in the training file's form, see
+    # splitlora.data.read_e2e); sized in the config file so that the six runs take under an hour
+    # with one torch thread each (measured: 47 minutes).
+    "quality-cpu": {"config": "configs/bench-quality.yaml", "out": "runs/quality", "overrides": [],
+                    "runs": QUALITY, "threads": 1, "data": {
+                        "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/testset_w_refs.csv"}},
+    # The full quality run, on a GPU: every line of valid.txt for 5 epochs (as the LoRA paper trains
+    # E2E) at 3 x 8 sequences per step, held-out loss on all 4,693 lines of the test set and BLEU on
+    # all its 630 meaning representations (630 greedy decodings per run, with the KV cache). Not run
+    # yet (written in a session without a GPU): its length is a guess, and the learning rate (the CPU
+    # size's 5e-3, with a warmup) is untested over 975 steps.
+    "quality-gpu": {"config": "configs/bench-quality.yaml", "out": "runs/quality-gpu", "overrides": [
+        "device=cuda", "data.num_train=null", "data.num_eval=null", "train.batch_size=8", "train.steps=975",
+        "train.warmup_steps=50", "train.aggregate_every=25", "train.eval_every=325", "eval.max_sources=630",
+        "eval.batch_size=32"], "runs": QUALITY, "threads": None, "data": {
+        "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/testset_w_refs.csv"}},
 }
 
 
@@ -139,6 +175,42 @@ def machine() -> dict:
     return info
 
 
+def evaluate_untrained(cfg) -> dict:
+    """The run folder of a model that is not trained: config.yaml, metrics.jsonl (one evaluation) and
+    summary.json as the trainer writes them, with 0 steps.
+
+    Built by the trainer's own `build` (same data, tokenizer, cut and adapters as the trained runs)
+    and scored by its own `evaluate`; the adapters are at their initial values, whose B = 0 makes
+    them add nothing, so this is the model as loaded (checked: a non-zero B raises)."""
+    from splitlora import config as config_mod
+    from splitlora.strategies import make_strategy
+    from splitlora.trainer import _codec_name, _trainable_params, build, evaluate
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.dump_config(cfg, out / "config.yaml")
+    built = build(cfg)
+    strategy = make_strategy(built.setup)
+    state = strategy.export_state()[1]
+    moved = [k for k, v in state.items() if k.endswith("lora_B") and bool(v.any())]
+    if moved:
+        raise RuntimeError(f"{len(moved)} adapters start with a non-zero B (e.g. {moved[0]}): the untrained run would "
+                           "not be the pretrained model")
+    result = evaluate(strategy, built, generate=cfg.eval.generate)
+    (out / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": -1, "sim_time_s": 0.0, **result}) + "\n")
+    zero = {"activations": 0, "gradients": 0, "labels": 0, "adapters": 0}
+    summary = {
+        "strategy": cfg.strategy, "codec": _codec_name(cfg), "transport": cfg.transport, "steps": 0,
+        "clients": cfg.train.clients, "final_train_loss": None,
+        **{k: v for k, v in result.items() if k != "samples"}, "samples": result.get("samples", []),
+        "bytes": {}, "bytes_by_kind": zero, "bytes_total": 0, "sim_time_s": 0.0, "wall_time_s": 0.0,
+        "client_compute_s": 0.0, "server_compute_s": 0.0,
+        "trainable_params": _trainable_params(strategy, built.setup), "peak_memory_bytes": None, "adapter": None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def child(spec: dict) -> int:
     """Runs one config (spec: name, config, overrides) and writes bench.json next to its results."""
     from splitlora.config import load_config
@@ -152,7 +224,7 @@ def child(spec: dict) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    summary = train(cfg, progress=False)
+    summary = evaluate_untrained(cfg) if spec["name"] in EVAL_ONLY else train(cfg, progress=False)
     elapsed = time.perf_counter() - t0
     # ru_maxrss is in KiB on Linux: the peak resident memory of this process, every party included.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -185,6 +257,29 @@ def launch(name: str, config: str, overrides: list[str], size: str, out_dir: Pat
     return rc, time.perf_counter() - t0
 
 
+def run_series(names, overrides_of, config: str, size: str, out: Path, threads, command: str) -> tuple[dict, list]:
+    """Runs each of `names` in a process of its own (`launch`, with overrides_of(name)), one after
+    another, printing a line per run; returns (suite entries by name, names that failed)."""
+    entries, failed = {}, []
+    width = max(len(n) for n in names) if names else 0
+    for i, name in enumerate(names, 1):
+        rc, seconds = launch(name, config, overrides_of(name), size, out / name, threads)
+        entries[name] = {"rc": rc, "seconds": seconds, "command": command,
+                         "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        summary_path = out / name / "summary.json"
+        if rc == 0 and summary_path.is_file():
+            s = json.loads(summary_path.read_text())
+            bleu = f"  BLEU {s['bleu']:5.1f}" if s.get("bleu") is not None else ""
+            print(f"[{i}/{len(names)}] {name:<{width}}  held-out loss {s['eval_loss']:.4f}{bleu}  sim {s['sim_time_s']:9.3f} s"
+                  f"  train {s['wall_time_s']:6.1f} s  process {seconds:6.1f} s", flush=True)
+        else:
+            failed.append(name)
+            tail = (out / name / "log.txt").read_text().splitlines()[-15:]
+            print(f"[{i}/{len(names)}] {name}: FAILED (exit {rc}); last lines of {out / name / 'log.txt'}:", flush=True)
+            print("    " + "\n    ".join(tail), flush=True)
+    return entries, failed
+
+
 def update_suite(path: Path, entry: dict, runs: dict) -> None:
     """suite.json keeps one entry per run name across invocations (a rerun of one run with --only
     replaces its entry), plus the last invocation's command."""
@@ -199,7 +294,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--only", default=None, help=f"comma-separated run names (default: all of {', '.join(RUNS)})")
+    parser.add_argument("--only", default=None, help="comma-separated run names (default: all of the size's runs: "
+                        + "; ".join(f"{size}: {', '.join(spec['runs'])}" for size, spec in SIZES.items()) + ")")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick tries)")
     parser.add_argument("--eval-every", type=int, default=None, help="override train.eval_every")
     parser.add_argument("--target-loss", type=float, default=None,
@@ -207,10 +303,11 @@ def main(argv=None) -> int:
     parser.add_argument("--bandwidth-mbps", type=float, default=100.0, help="simulated link bandwidth (Mbit/s)")
     parser.add_argument("--latency-ms", type=float, default=10.0, help="simulated link latency (ms)")
     parser.add_argument("--tflops", type=float, default=35.6, help="simulated client and server TFLOPS")
-    parser.add_argument("--out", default=None, help="folder of the run folders (default runs/e2e, gpu: runs/e2e-gpu; "
-                        "with --steps, --eval-every or --set: that folder + '-quick')")
+    parser.add_argument("--out", default=None, help="folder of the run folders (default runs/e2e, gpu: runs/e2e-gpu, "
+                        "quality-cpu: runs/quality, quality-gpu: runs/quality-gpu; with --steps, --eval-every or "
+                        "--set: that folder + '-quick')")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per run (default: 1 on the CPU size, torch's default on the GPU size)")
+                        help="torch threads per run (default: 1 on the CPU sizes, torch's default on the GPU sizes)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for every run")
     parser.add_argument("--report", action="store_true", help="run bench.report afterwards")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -227,19 +324,20 @@ def main(argv=None) -> int:
     # One thread on the CPU size: on a machine whose cores other processes share, two threads
     # wait at every op's barrier for a descheduled peer (steps measured 10x slower here), and the
     # runs' measured times must stay comparable with each other.
-    threads = args.threads if args.threads is not None else (1 if args.size == "cpu" else None)
+    threads = args.threads if args.threads is not None else size["threads"]
     have = available_strategies()
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in RUNS]
+        unknown = [n for n in names if n not in size["runs"]]
         if unknown:
-            parser.error(f"--only: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+            parser.error(f"--only: unknown run(s) {', '.join(unknown)} for --size {args.size}; choose from "
+                         f"{', '.join(size['runs'])}")
         missing = [n for n in names if RUNS[n][0] not in have]
         if missing:
             parser.error(f"--only: strategy not available in this checkout for {', '.join(missing)}")
     else:
-        names = [n for n in RUNS if RUNS[n][0] in have]
-        skipped = [n for n in RUNS if n not in names]
+        names = [n for n in size["runs"] if RUNS[n][0] in have]
+        skipped = [n for n in size["runs"] if n not in names]
         if skipped:
             print(f"not available in this checkout, skipped: {', '.join(skipped)}")
 
@@ -249,22 +347,8 @@ def main(argv=None) -> int:
           f"torch threads {threads or 'default'}", flush=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    entries, failed = {}, []
-    for i, name in enumerate(names, 1):
-        overrides = run_overrides(name, args, data, out)
-        rc, seconds = launch(name, size["config"], overrides, args.size, out / name, threads)
-        entries[name] = {"rc": rc, "seconds": seconds, "command": command,
-                         "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        summary_path = out / name / "summary.json"
-        if rc == 0 and summary_path.is_file():
-            s = json.loads(summary_path.read_text())
-            print(f"[{i}/{len(names)}] {name:<18} held-out loss {s['eval_loss']:.4f}  BLEU {s.get('bleu', float('nan')):5.1f}"
-                  f"  sim {s['sim_time_s']:9.3f} s  train {s['wall_time_s']:6.1f} s  process {seconds:6.1f} s", flush=True)
-        else:
-            failed.append(name)
-            tail = (out / name / "log.txt").read_text().splitlines()[-15:]
-            print(f"[{i}/{len(names)}] {name}: FAILED (exit {rc}); last lines of {out / name / 'log.txt'}:", flush=True)
-            print("    " + "\n    ".join(tail), flush=True)
+    entries, failed = run_series(names, lambda name: run_overrides(name, args, data, out), size["config"], args.size,
+                                 out, threads, command)
     total = time.perf_counter() - t0
     entry = {"size": args.size, "config": size["config"], "last_command": command, "last_started_utc": started,
              "last_seconds": total}

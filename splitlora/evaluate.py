@@ -1,9 +1,10 @@
 """Evaluation of a (split) causal LM: held-out loss and perplexity, decoding, BLEU and ROUGE-L.
 
 The model is seen only through ``logits_fn(input_ids, attention_mask) -> logits [B, T, V]``, so
-the same code scores a whole model, a client and server segment composed, or a test double. The
-caller puts the model in eval mode; if `logits_fn` is itself an ``nn.Module`` this module does it
-and restores the previous mode. Everything here runs under ``torch.no_grad``.
+the same code scores a whole model, a client and server segment composed, or a test double; a
+transformers causal LM may be passed as it is (called by keyword, and decoded greedily with its
+KV cache). The caller puts the model in eval mode; if `logits_fn` is itself an ``nn.Module`` this
+module does it and restores the previous mode. Everything here runs under ``torch.no_grad``.
 
 Prompts are built exactly as in training (:func:`splitlora.data.tokenize`): the source, then the
 separator; a generated completion is decoded and stripped of the leading TARGET_PREFIX space.
@@ -62,7 +63,11 @@ def _device_of(logits_fn, device) -> torch.device:
 
 
 def _logits(logits_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = logits_fn(input_ids, attention_mask)
+    if _is_causal_lm(logits_fn):
+        # By keyword: GPT-2's forward takes past_key_values second.
+        out = logits_fn(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    else:
+        out = logits_fn(input_ids, attention_mask)
     # Accept a Hugging Face ModelOutput as well as a bare tensor.
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
@@ -108,7 +113,10 @@ def evaluate_loss(logits_fn: LogitsFn, dataset: TokenizedDataset, batch_size: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding (no KV cache: every step recomputes the whole prefix; the models here are small)
+# Decoding. A bare logits_fn (a split model's segments composed) has no KV cache: every step
+# recomputes the whole prefix. A transformers causal LM passed as logits_fn is decoded greedily
+# with its KV cache instead, one token's forward per new token: for SmolLM2-135M on one CPU
+# thread, 48 new tokens after a 38-token prompt took 3.1-3.5 s against 13.8-15.1 s.
 # ---------------------------------------------------------------------------------------------
 
 def _check_decode_args(prompt_ids, max_new_tokens, num_beams=1):
@@ -120,11 +128,45 @@ def _check_decode_args(prompt_ids, max_new_tokens, num_beams=1):
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
 
 
+def _is_causal_lm(logits_fn) -> bool:
+    """A transformers model, which takes past_key_values and returns them with use_cache=True."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(logits_fn, PreTrainedModel)
+
+
+def _greedy_with_cache(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_id: int,
+                       device) -> list[int]:
+    """greedy_search on a transformers causal LM: the prompt once, then one token per step."""
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    new: list[int] = []
+    with _inference(model):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if token == eos_id:
+                break
+            new.append(token)
+            if len(new) == max_new_tokens:
+                break
+            mask = torch.ones((1, len(prompt_ids) + len(new)), dtype=torch.long, device=device)
+            out = model(input_ids=ids.new_tensor([[token]]), attention_mask=mask,
+                        past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
 def greedy_search(logits_fn: LogitsFn, prompt_ids: Sequence[int], *, max_new_tokens: int,
                   eos_id: int, device=None) -> list[int]:
-    """Most likely next token at every step; returns the new tokens, without the eos."""
+    """Most likely next token at every step; returns the new tokens, without the eos.
+
+    A transformers causal LM as `logits_fn` is decoded with its KV cache (same tokens, fewer flops).
+    """
     _check_decode_args(prompt_ids, max_new_tokens)
     device = _device_of(logits_fn, device)
+    if _is_causal_lm(logits_fn):
+        return _greedy_with_cache(logits_fn, prompt_ids, max_new_tokens, eos_id, device)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     new: list[int] = []
     with _inference(logits_fn):

@@ -170,6 +170,10 @@ class Strategy:
     name = "?"
     # Whether the clients' adapters are averaged at the end of every round.
     aggregates = False
+    # Whether export_state() is the model logits_fn() evaluates, exactly (the same adapters, not a
+    # refactorisation of them): the trainer then generates with the exported whole model, which a
+    # transformers model decodes with its KV cache (splitlora.evaluate).
+    exact_export = False
 
     def __init__(self, setup: TrainSetup) -> None:
         self.setup = setup

@@ -17,6 +17,7 @@ from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
 
 class Centralized(Strategy):
     name = "centralized"
+    exact_export = True
 
     def __init__(self, setup) -> None:
         super().__init__(setup)

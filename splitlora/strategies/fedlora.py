@@ -28,6 +28,7 @@ class _WholeModel(nn.Module):
 class FedLoRA(Strategy):
     name = "fedlora"
     aggregates = True
+    exact_export = True
 
     def __init__(self, setup) -> None:
         super().__init__(setup)

@@ -301,6 +301,7 @@ class SplitLoRA(_SplitBase):
 
     name = "splitlora"
     aggregates = True
+    exact_export = True
 
     def __init__(self, setup) -> None:
         n = len(setup.loaders)
@@ -368,6 +369,7 @@ class VanillaSL(_SplitBase):
     turn trains one batch with the server, then passes the adapters on (through the server)."""
 
     name = "sl"
+    exact_export = True
 
     def __init__(self, setup) -> None:
         shared = client_parts(clone_sharing_frozen(setup.client),

@@ -15,9 +15,11 @@ from splitlora.data import (
     group_skew,
     load_dataset,
     load_tokenizer,
+    mr_to_text_form,
     parse_mr,
     partition,
     read_e2e,
+    ref_to_text_form,
     synthetic_examples,
     tokenize,
 )
@@ -45,7 +47,7 @@ def test_read_e2e_txt(shared_data):
 
 
 def test_read_e2e_csv_groups_references_by_mr(shared_data):
-    examples = read_e2e(shared_data / "e2e" / "devset.csv")
+    examples = read_e2e(shared_data / "e2e" / "devset.csv", text_form=False)
     assert len(examples) == 4672
     refs = Counter(e.source for e in examples)
     assert len(refs) == 547
@@ -58,10 +60,68 @@ def test_read_e2e_csv_groups_references_by_mr(shared_data):
     assert sorted(refs.values()) == sorted(txt.values())
     # Same canonical fields from both spellings.
     assert parse_mr(first.source) == parse_mr(next(iter(txt)))
-    test = read_e2e(shared_data / "e2e" / "testset_w_refs.csv")
+    test = read_e2e(shared_data / "e2e" / "testset_w_refs.csv", text_form=False)
     assert len(test) == 4693 and len({e.source for e in test}) == 630
     assert {e.group for e in test if "food[" not in e.source} <= {"pub", "restaurant", "coffee shop",
                                                                   "unknown"}
+
+
+@pytest.mark.parametrize("csv_name, txt_name", [("testset_w_refs.csv", "test.txt"), ("devset.csv", "valid.txt")])
+def test_read_e2e_csv_in_text_form_matches_the_text_release(shared_data, csv_name, txt_name):
+    # The text files are the same data as the CSVs, line for line, written the way the trainer
+    # learns it: the CSV read in text form must give the same prompts, and the same references
+    # but for the text files' own inconsistencies of word splitting ("isn 't" vs "is n't").
+    csv_examples = read_e2e(shared_data / "e2e" / csv_name)
+    txt_examples = read_e2e(shared_data / "e2e" / txt_name)
+    assert len(csv_examples) == len(txt_examples)
+    assert [e.source for e in csv_examples] == [e.source for e in txt_examples]
+    assert [e.group for e in csv_examples] == [e.group for e in txt_examples]
+    same = sum(c.target == t.target for c, t in zip(csv_examples, txt_examples))
+    # Measured: 4,652 of 4,693 (test) and 4,597 of 4,672 (dev); as published, 139 and 137.
+    assert same >= 0.98 * len(csv_examples), f"only {same} of {len(csv_examples)} references split as in {txt_name}"
+    # Splitting only ever inserts or removes spaces: the characters are the CSV's.
+    squash = lambda text: "".join(text.split())
+    assert all(squash(c.target) == squash(t.target) for c, t in zip(csv_examples, txt_examples))
+
+
+def test_mr_to_text_form():
+    csv_mr = ("name[The Punter], eatType[restaurant], food[Indian], priceRange[less than £20], "
+              "customer rating[low], area[riverside], familyFriendly[no], near[Express by Holiday Inn]")
+    text = ("name : The Punter | Type : restaurant | food : Indian | price : less than £ 20 | "
+            "customer rating : low | area : riverside | family friendly : no | near : Express by Holiday Inn")
+    assert mr_to_text_form(csv_mr) == text
+    assert mr_to_text_form(text) == text  # already in text form: unchanged
+    assert parse_mr(mr_to_text_form(csv_mr)) == {**parse_mr(csv_mr), "priceRange": "less than £ 20"}
+    assert mr_to_text_form("name[Zizzi], priceRange[£20-25]") == "name : Zizzi | price : £ 20 - 25"
+    # Field order is kept, an attribute E2E does not have keeps its name.
+    assert mr_to_text_form("near[Avalon], name[X], stars[4]") == "near : Avalon | name : X | stars : 4"
+    with pytest.raises(ValueError, match="not an E2E meaning representation"):
+        mr_to_text_form("just some words")
+
+
+@pytest.mark.parametrize("raw, text", [
+    ("A coffee shop in the city centre area called Blue Spice.",
+     "A coffee shop in the city centre area called Blue Spice ."),
+    ("It isn't a family-friendly establishment.", "It is n't a family - friendly establishment ."),
+    ("There's a pub, it's cheap; you'll like it, won't you?",
+     "There 's a pub , it 's cheap ; you 'll like it , wo n't you ?"),
+    ("Prices are less than £20 at 'The Mill'", "Prices are less than £ 20 at ' The Mill '"),
+    ("There is a pub  called Zizzi located near The Sorrento.", "There is a pub called Zizzi located near The Sorrento ."),
+    ("the riverside area's Giraffe", "the riverside area 's Giraffe"),
+])
+def test_ref_to_text_form(raw, text):
+    assert ref_to_text_form(raw) == text
+    assert ref_to_text_form(text) == text  # idempotent: text-form references stay as they are
+
+
+def test_read_e2e_csv_text_form_of_a_small_file(tmp_path):
+    path = tmp_path / "small.csv"
+    path.write_text('mr,ref\n"name[X], eatType[pub], priceRange[more than £30]","X\'s a pub, isn\'t it?"\n',
+                    encoding="utf-8")
+    assert read_e2e(path) == [Example("name : X | Type : pub | price : more than £ 30", "X 's a pub , is n't it ?",
+                                      "pub")]
+    assert read_e2e(path, text_form=False) == [Example("name[X], eatType[pub], priceRange[more than £30]",
+                                                       "X's a pub, isn't it?", "pub")]
 
 
 def test_read_e2e_csv_quoting(tmp_path):
@@ -73,13 +133,13 @@ def test_read_e2e_csv_quoting(tmp_path):
         '"name[D], food[Thai]","two\nlines"\n',
         encoding="utf-8",
     )
-    examples = read_e2e(path)
+    examples = read_e2e(path, text_form=False)
     assert examples == [
         Example("name[A, B], eatType[pub]", 'Says "hello", then, leaves.', "pub"),
         Example("name[C]", "plain ref", "unknown"),
         Example("name[D], food[Thai]", "two\nlines", "Thai"),
     ]
-    assert read_e2e(path, group_by="name")[0].group == "A, B"
+    assert read_e2e(path, group_by="name", text_form=False)[0].group == "A, B"
 
 
 def test_read_e2e_txt_skips_blank_lines_and_strips(tmp_path):

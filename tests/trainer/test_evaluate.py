@@ -140,6 +140,48 @@ def test_greedy_equals_argmax_rollout(tiny_lm, prompt):
             greedy_search(tiny_lm, prompt, max_new_tokens=steps, eos_id=eos_id)
 
 
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=1, initializer_range=0.5)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_transformers_model_as_logits_fn_decodes_with_its_cache(tiny_lm, synthetic, arch):
+    # A transformers causal LM passed as it is: greedy search takes the KV-cache path and must
+    # give Hugging Face's own greedy rollout; the other paths call it by keyword (GPT-2's forward
+    # takes past_key_values second) and must agree with the same model behind a plain function.
+    model = tiny_lm.model if arch == "gpt2" else _tiny_llama()
+    plain = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    prompt, steps = [3, 9, 17, 2], 12
+    reference = _argmax_rollout(type("Wrapped", (), {"model": model})(), prompt, steps)
+    assert len(set(reference)) > 2
+    never = next(t for t in range(VOCAB) if t not in reference)
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        assert greedy_search(model, prompt, max_new_tokens=steps, eos_id=never) == reference
+    finally:
+        hook.remove()
+    assert lengths == [len(prompt)] + [1] * (steps - 1)  # the prompt once, then one token per forward
+    assert greedy_search(plain, prompt, max_new_tokens=steps, eos_id=never) == reference
+    assert greedy_search(model, prompt, max_new_tokens=5, eos_id=never) == reference[:5]
+    assert greedy_search(model, prompt, max_new_tokens=0, eos_id=never) == []
+    eos = reference[4]
+    assert greedy_search(model, prompt, max_new_tokens=steps, eos_id=eos) == reference[:reference.index(eos)]
+    assert beam_search(model, prompt, max_new_tokens=6, eos_id=never, num_beams=3) == \
+        beam_search(plain, prompt, max_new_tokens=6, eos_id=never, num_beams=3)
+    examples, tok = synthetic
+    dataset = tokenize(examples, tok, max_length=48)
+    assert evaluate_loss(model, dataset, batch_size=4)["loss"] == pytest.approx(
+        evaluate_loss(plain, dataset, batch_size=4)["loss"], rel=1e-6)
+
+
 class TransitionTable:
     """logits_fn whose next-token distribution depends only on the last token."""
 

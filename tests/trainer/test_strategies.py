@@ -145,6 +145,33 @@ def test_every_strategy_learns(tmp_path, strategy):
     assert result["eval_loss"] == pytest.approx(torch.log(torch.tensor(result["eval_ppl"])).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("strategy, extra", [
+    ("centralized", []), ("fedlora", []), ("splitlora", ["codec.bits=4"]), ("sl", []),
+    ("splitlora", ["train.u_shape=true", "model.server_end=2"]),
+])
+def test_exact_export_computes_what_logits_fn_computes(tmp_path, strategy, extra):
+    # The trainer generates with the exported whole model of these strategies (a transformers
+    # model, decoded with its KV cache): it must be the model that logits_fn evaluates, at a
+    # round's end and mid-round (FedAvg of the client adapters), LM head adapter included.
+    from splitlora.trainer import _generation_model
+
+    cfg = tiny_config(tmp_path, f"strategy={strategy}", "train.lr=0.03", "lora.server.target_modules=[c_attn,lm_head]",
+                      *extra)
+    built, strat, _ = _run_steps(cfg, 4)  # aggregate_every=3: step 4 is inside the second round
+    assert strat.exact_export
+    state = strat.export_state()[1]
+    assert max(float(v.abs().max()) for k, v in state.items() if k.endswith("lora_B")) > 1e-3  # trained
+    strat.train(False)
+    whole = _generation_model(strat, built)
+    batch = built.eval_data.batch(range(8), trim=True)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        out = strat.logits_fn()(batch["input_ids"], batch["attention_mask"])
+        expected = getattr(out, "logits", out)
+        got = whole(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
 def test_sl_hands_adapters_from_client_to_client(tmp_path):
     cfg = tiny_config(tmp_path, "strategy=sl", "train.clients=3")
     built, _, _ = _run_steps(cfg, 2)
@@ -195,6 +222,10 @@ def test_run_folder_and_peft_export(tmp_path):
     assert {r["type"] for r in records} == {"step", "round", "eval"}
     sim = [r["sim_time_s"] for r in records if r["type"] == "step"]
     assert all(b > a for a, b in zip(sim, sim[1:]))
+    # An evaluation carries the training time so far (evaluations excluded) and its own duration.
+    last_step = [r for r in records if r["type"] == "step"][-1]
+    final_eval = [r for r in records if r["type"] == "eval"][-1]
+    assert final_eval["wall_time_s"] == last_step["wall_time_s"] and final_eval["eval_time_s"] > 0
 
     # The exported adapter on the whole model gives the strategy's own logits.
     from splitlora.trainer import load_run
