@@ -184,7 +184,7 @@ def evaluate_untrained(cfg) -> dict:
     them add nothing, so this is the model as loaded (checked: a non-zero B raises)."""
     from splitlora import config as config_mod
     from splitlora.strategies import make_strategy
-    from splitlora.trainer import _codec_name, _trainable_params, build, evaluate
+    from splitlora.trainer import _codec_name, _trainable_params, build, evaluate, write_generations
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def evaluate_untrained(cfg) -> dict:
     if moved:
         raise RuntimeError(f"{len(moved)} adapters start with a non-zero B (e.g. {moved[0]}): the untrained run would "
                            "not be the pretrained model")
-    result = evaluate(strategy, built, generate=cfg.eval.generate)
+    result = write_generations(out, evaluate(strategy, built, generate=cfg.eval.generate))
     (out / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": -1, "sim_time_s": 0.0, **result}) + "\n")
     zero = {"activations": 0, "gradients": 0, "labels": 0, "adapters": 0}
     summary = {

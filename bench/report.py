@@ -61,7 +61,9 @@ def load_runs(runs_dir: Path) -> list:
         if not all(f.is_file() for f in files):
             continue
         bench_path = folder / "bench.json"
+        generations = folder / "generations.jsonl"
         runs.append({
+            "generations": _read_jsonl(generations) if generations.is_file() else None,
             "name": folder.name,
             "config": yaml.safe_load(files[0].read_text()),
             "summary": json.loads(files[1].read_text()),
@@ -567,10 +569,55 @@ def quality_rows(runs: list) -> list:
     return rows
 
 
-def quality_table(rows: list) -> str:
-    out = ["| run | strategy | codec at the cut | steps | BLEU | ROUGE-L | held-out loss | perplexity | final train loss "
+BOOTSTRAP_SAMPLES = 1000
+
+
+def bleu_statistics(rows: list, baseline: str = "splitlora-fp32") -> dict:
+    """From every run's decoded outputs (generations.jsonl): its BLEU's bootstrap 95% interval
+    (sacrebleu, resampling the meaning representations) and, for each other fine-tuned run, the
+    paired bootstrap p-value of its BLEU difference with `baseline` (sacrebleu's PairedTest).
+    Empty when some run has no outputs, they are not for the same sources, or a run's outputs do
+    not reproduce its recorded BLEU (then they are not that run's)."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    from splitlora.evaluate import corpus_bleu, reference_streams
+
+    tuned = [r for r in rows if r["name"] != UNTRAINED]
+    if not tuned or any(not r["run"].get("generations") for r in rows):
+        return {}
+    sources = [o["source"] for o in tuned[0]["run"]["generations"]]
+    refs = [o["references"] for o in tuned[0]["run"]["generations"]]
+    hyps = {}
+    for r in rows:
+        outputs = r["run"]["generations"]
+        if [o["source"] for o in outputs] != sources:
+            return {}
+        hyps[r["name"]] = [o["hypothesis"] for o in outputs]
+        recorded = r["summary"].get("bleu")
+        if recorded is None or abs(corpus_bleu(hyps[r["name"]], refs) - recorded) > 1e-6:
+            return {}
+    streams = reference_streams(refs)
+    stats = {"n_sources": len(sources), "ci": {}, "paired": {}, "baseline": baseline}
+    for name, h in hyps.items():
+        score = BLEU(force=True).corpus_score(h, streams, n_bootstrap=BOOTSTRAP_SAMPLES)
+        stats["ci"][name] = (score._mean, score._ci)
+    if baseline in hyps:
+        others = [r["name"] for r in tuned if r["name"] != baseline]
+        systems = [(baseline, hyps[baseline])] + [(n, hyps[n]) for n in others]
+        _, results = PairedTest(systems, {"BLEU": BLEU(force=True, references=streams)}, references=None,
+                                test_type="bs", n_samples=BOOTSTRAP_SAMPLES)()
+        for name, result in zip(others, results["BLEU"][1:]):
+            stats["paired"][name] = result.p_value
+    return stats
+
+
+def quality_table(rows: list, stats: dict | None = None) -> str:
+    ci = (stats or {}).get("ci", {})
+    out = ["| run | strategy | codec at the cut | steps | BLEU | " + ("BLEU bootstrap mean ± 95% CI | " if ci else "")
+           + "ROUGE-L | held-out loss | perplexity | final train loss "
            "| cut bytes (up + down) | cut vs fp32 | training s | process s | paper BLEU (GPT-2 M, r 1) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|" + ("---|" if ci else "") + "---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, b = r["summary"], r["bytes"]
         paper = PAPER_BLEU.get(r["name"])
@@ -578,14 +625,17 @@ def quality_table(rows: list) -> str:
         train_loss = s.get("final_train_loss")
         out.append(
             f"| {r['name']} | {s['strategy'] if r['name'] != UNTRAINED else 'none (as loaded)'} | {s['codec']} | {s['steps']} "
-            f"| {fmt_num(s.get('bleu'), '.2f')} | {fmt_num(s.get('rouge_l'), '.2f')} | {s['eval_loss']:.4f} "
+            f"| {fmt_num(s.get('bleu'), '.2f')} | "
+            + (f"{ci[r['name']][0]:.1f} ± {ci[r['name']][1]:.1f} | "
+               if r["name"] in ci else ("- | " if ci else ""))
+            + f"{fmt_num(s.get('rouge_l'), '.2f')} | {s['eval_loss']:.4f} "
             f"| {s['eval_ppl']:.2f} | {fmt_num(train_loss, '.4f')} | {fmt_bytes(b['cut']) if b['cut'] else '-'} | {ratio} "
             f"| {fmt_s(s.get('wall_time_s'))} | {fmt_s(r['bench'].get('process_wall_s'))} "
             f"| {f'{paper[1]:.2f} ({paper[0]})' if paper else '-'} |")
     return "\n".join(out)
 
 
-def quality_checks(rows: list) -> list:
+def quality_checks(rows: list, stats: dict | None = None) -> list:
     """What the numbers say: did fine-tuning help, how the runs order against the paper's table,
     and what compression at the cut cost."""
     by = {r["name"]: r for r in rows}
@@ -615,6 +665,17 @@ def quality_checks(rows: list) -> list:
         lines.append(f"- BLEU order of SplitLoRA (fp32), centralized and federated LoRA, here: {ours}; in the paper: "
                      f"{paper} (the same order: **{'yes' if same else 'no'}**). Held-out loss here: "
                      + ", ".join(f"{n} {by[n]['summary']['eval_loss']:.4f}" for n in present) + ".")
+    paired = (stats or {}).get("paired", {})
+    if paired:
+        base = stats["baseline"]
+        b = by[base]["summary"].get("bleu") or 0
+        parts = [f"{n} {(by[n]['summary'].get('bleu') or 0) - b:+.2f} (p = {p:.3f})" for n, p in paired.items()]
+        significant = [n for n, p in paired.items() if p < 0.05]
+        lines.append(f"- Is a BLEU difference with {base} more than noise? Paired bootstrap over the "
+                     f"{stats['n_sources']} meaning representations ({BOOTSTRAP_SAMPLES} resamples, sacrebleu): "
+                     + "; ".join(parts) + ". "
+                     + (f"Below 0.05: {', '.join(significant)}." if significant else
+                        "None is below 0.05: on this subset the fine-tuned runs' BLEU scores are not told apart."))
     fp = by.get("splitlora-fp32")
     for name in ("splitlora-int8", "splitlora-int4-ef"):
         if fp is None or name not in by:
@@ -695,11 +756,12 @@ def quality_plot(rows: list, plots_dir: Path, prefix: str) -> list:
     return [path]
 
 
-def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str) -> str:
+def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str, stats: dict | None = None) -> str:
     cfg = rows[0]["run"]["config"]
     size = suite.get("size", "quality-cpu")
     where = "CPU, a subset" if size == "quality-cpu" else "GPU, the full test set"
     commands = sorted({r["bench"].get("command") or "" for r in rows} - {""})
+    stats = bleu_statistics(rows) if stats is None else stats
     scored = next((r for r in rows if r["summary"].get("samples")), None)
     n_lines = n_mrs = None
     try:
@@ -729,11 +791,11 @@ def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str) -
         f"{cfg['train']['log_every']} steps. The paper's BLEU is for reference only: GPT-2 medium on the standard E2E "
         "split, whose 42k-example training set is not in this workplace; not this model, data or budget.",
         "",
-        quality_table(rows),
+        quality_table(rows, stats),
         "",
         "What the numbers say:",
         "",
-        *quality_checks(rows),
+        *quality_checks(rows, stats),
         "",
         *quality_samples(rows),
     ]
@@ -754,16 +816,17 @@ def quality_main(args, runs_dir: Path, suite: dict) -> int:
     name = args.section or ("quality" if suite.get("size") == "quality-cpu" else f"quality-{suite['size'].split('-')[-1]}")
     results_path = ROOT / args.results
     plots = [] if args.no_write else quality_plot(rows, ROOT / args.plots, name)
-    body = quality_section(rows, excluded, suite, plots, results_path, args.runs)
+    stats = bleu_statistics(rows)
+    body = quality_section(rows, excluded, suite, plots, results_path, args.runs, stats)
     if args.no_write:
         print(body)
     else:
         replace_section(results_path, name, body)
         print(f"wrote the {name} section of {results_path.relative_to(ROOT)} and {len(plots)} plot in {args.plots}/")
         print()
-        print(quality_table(rows))
+        print(quality_table(rows, stats))
         print()
-        for line in quality_checks(rows):
+        for line in quality_checks(rows, stats):
             print(line.replace("**", ""))
     for n, why in excluded:
         print(f"left out {n}: {why}")

@@ -160,6 +160,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     built, strategy, step = load_run(args.run_dir)
     result = evaluate(strategy, built, generate=not args.no_generate)
+    outputs = result.pop("outputs", None)
+    if args.generations and outputs is not None:
+        from pathlib import Path
+
+        Path(args.generations).write_text("".join(json.dumps(o) + "\n" for o in outputs))
     result["step"] = step
     print(json.dumps(result, indent=2))
     return 0
@@ -201,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder")
     ev.add_argument("run_dir")
     ev.add_argument("--no-generate", action="store_true", help="loss and perplexity only, no decoding/BLEU")
+    ev.add_argument("--generations", default=None, metavar="FILE",
+                    help="write every decoded output (source, hypothesis, references) to FILE as JSON lines")
     ev.set_defaults(handler=run_eval)
 
     ex = sub.add_parser("export", help="write a run's adapters in PEFT format")

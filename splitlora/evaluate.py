@@ -290,11 +290,15 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
         raise ValueError("corpus_bleu needs at least one hypothesis")
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
-    width = max(len(refs) for refs in references)
-    # sacrebleu wants reference streams of equal length; None marks a missing reference.
-    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
     # force: E2E references are tokenised ("... .") on purpose; do not warn about it.
-    return float(sacrebleu.corpus_bleu(list(hypotheses), streams, force=True).score)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), reference_streams(references), force=True).score)
+
+
+def reference_streams(references: Sequence[Sequence[str]]) -> list[list]:
+    """sacrebleu's layout of a varying number of references per hypothesis: reference streams of
+    equal length (stream k holds every hypothesis's k-th reference), None where one has fewer."""
+    width = max(len(refs) for refs in references)
+    return [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
 
 
 def score_corpus(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
@@ -312,8 +316,9 @@ def evaluate_generation(logits_fn: LogitsFn, examples: Sequence[Example], tokeni
     """Decode each distinct source once and score against all its references.
 
     Sources are taken in order of first appearance (the first `max_sources` if given).
-    Returns ``{"bleu", "rouge_l", "num_sources", "samples"}``: BLEU and ROUGE-L on a 0-100
-    scale, and the first `num_samples` as dicts with source, hypothesis and references.
+    Returns ``{"bleu", "rouge_l", "num_sources", "samples", "outputs"}``: BLEU and ROUGE-L on a
+    0-100 scale; every source's output as a dict with source, hypothesis and references
+    ("outputs", what a significance test needs), and the first `num_samples` of them ("samples").
     """
     references: dict[str, list[str]] = {}
     for example in examples:
@@ -333,6 +338,5 @@ def evaluate_generation(logits_fn: LogitsFn, examples: Sequence[Example], tokeni
         hypotheses.append(tokenizer.decode(new).strip())
     refs = [references[s] for s in sources]
     scores = score_corpus(hypotheses, refs)
-    samples = [{"source": s, "hypothesis": h, "references": r}
-               for s, h, r in list(zip(sources, hypotheses, refs))[:num_samples]]
-    return {**scores, "num_sources": len(sources), "samples": samples}
+    outputs = [{"source": s, "hypothesis": h, "references": r} for s, h, r in zip(sources, hypotheses, refs)]
+    return {**scores, "num_sources": len(sources), "samples": outputs[:num_samples], "outputs": outputs}

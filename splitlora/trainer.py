@@ -4,7 +4,8 @@
     (aggregation, checkpoint) -> final evaluation -> run folder
 
 The run folder (`output_dir`) holds `config.yaml` (the resolved config), `metrics.jsonl` (one
-line per step, round and evaluation), `summary.json`, `checkpoints/`, the exported PEFT adapter
+line per step, round and evaluation), `summary.json`, `generations.jsonl` (every decoded output of
+the final evaluation, when it generates), `checkpoints/`, the exported PEFT adapter
 (`adapter/`) and `loss.png`. A run with `resume: true` continues from the last checkpoint and
 ends exactly where an uninterrupted run would have.
 """
@@ -188,10 +189,24 @@ def evaluate(strategy, built: Built, *, generate: bool, progress: bool = True) -
                 gen = evaluate_generation(fn if whole is None else whole, built.eval_examples, built.tokenizer,
                                           max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
                                           max_sources=cfg.eval.max_sources)
-                result.update({"bleu": gen["bleu"], "rouge_l": gen["rouge_l"], "samples": gen["samples"][:3]})
+                result.update({"bleu": gen["bleu"], "rouge_l": gen["rouge_l"], "samples": gen["samples"][:3],
+                               "outputs": gen["outputs"]})
     finally:
         strategy.train(True)
     return result
+
+
+def write_generations(out: Path, result: dict) -> dict:
+    """Moves an evaluation's decoded outputs (one per source) into out/generations.jsonl, so that
+    the metrics and the summary keep a few samples only; returns the result without them."""
+    outputs = result.get("outputs")
+    if outputs is None:
+        return result
+    path = Path(out) / "generations.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(o) + "\n" for o in outputs))
+    os.replace(tmp, path)
+    return {k: v for k, v in result.items() if k != "outputs"}
 
 
 def _generation_model(strategy, built: Built):
@@ -404,7 +419,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     if not is_server:
         return {}
     eval0 = time.perf_counter()
-    final = evaluate(strategy, built, generate=cfg.eval.generate)
+    final = write_generations(out, evaluate(strategy, built, generate=cfg.eval.generate))
     metrics.write({"type": "eval", "step": t.steps - 1, "sim_time_s": totals["sim_time_s"],
                    "wall_time_s": totals["wall_time_s"], "eval_time_s": time.perf_counter() - eval0, **final})
     adapter_dir = export_result(strategy, built, out)

@@ -26,6 +26,12 @@ def test_train_eval_export(tmp_path, capsys):
     # Evaluating the final checkpoint reproduces the run's own final evaluation.
     assert evaluated["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
     assert evaluated["step"] == 4
+    # With generation: the same BLEU as the run's, and --generations writes every output.
+    assert main(["eval", str(out), "--generations", str(tmp_path / "gen.jsonl")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["bleu"] == pytest.approx(summary["bleu"], abs=1e-9) and "outputs" not in evaluated
+    written = (tmp_path / "gen.jsonl").read_text().splitlines()
+    assert written == (out / "generations.jsonl").read_text().splitlines()
 
     assert main(["export", str(out), str(tmp_path / "exported")]) == 0
     from safetensors.torch import load_file

@@ -306,6 +306,12 @@ def test_evaluate_generation_multi_reference(synthetic):
     sample = result["samples"][0]
     assert sample == {"source": examples[0].source, "hypothesis": examples[0].target,
                       "references": [examples[0].target, "It is a place ."]}
+    # Every source's output is returned (the samples are its first few), and rescoring them gives
+    # the reported BLEU: what a significance test on the outputs starts from.
+    outputs = result["outputs"]
+    assert len(outputs) == len(examples) and outputs[:len(result["samples"])] == result["samples"]
+    assert corpus_bleu([o["hypothesis"] for o in outputs], [o["references"] for o in outputs]) == \
+        pytest.approx(result["bleu"], abs=1e-9)
     # Beam search reaches the same answers; max_sources limits the work.
     limited = evaluate_generation(oracle, data, tok, num_beams=3, max_sources=4)
     assert limited["num_sources"] == 4 and limited["bleu"] == pytest.approx(100.0)

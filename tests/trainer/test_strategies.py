@@ -218,6 +218,15 @@ def test_run_folder_and_peft_export(tmp_path):
         assert (out / name).exists(), name
     assert summary["bytes_total"] == sum(summary["bytes_by_kind"].values())
     assert 0 <= summary["bleu"] <= 100
+    # Every decoded output is in generations.jsonl (the summary keeps a few samples), and they
+    # reproduce the recorded BLEU.
+    from splitlora.evaluate import corpus_bleu
+
+    outputs = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(outputs) == cfg.eval.max_sources and "outputs" not in summary
+    assert outputs[:len(summary["samples"])] == summary["samples"]
+    assert corpus_bleu([o["hypothesis"] for o in outputs], [o["references"] for o in outputs]) == \
+        pytest.approx(summary["bleu"], abs=1e-9)
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["type"] for r in records} == {"step", "round", "eval"}
     sim = [r["sim_time_s"] for r in records if r["type"] == "step"]
