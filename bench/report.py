@@ -762,7 +762,6 @@ def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str, s
     where = "CPU, a subset" if size == "quality-cpu" else "GPU, the full test set"
     commands = sorted({r["bench"].get("command") or "" for r in rows} - {""})
     stats = bleu_statistics(rows) if stats is None else stats
-    scored = next((r for r in rows if r["summary"].get("samples")), None)
     n_lines = n_mrs = None
     try:
         from splitlora.data import load_dataset
