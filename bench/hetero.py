@@ -292,10 +292,15 @@ def observations(runs: list, target) -> list:
         out.append(f"- Per-client server adapters end {rel('hsplitlora-server-per-client', 'hsplitlora'):+.1%} against "
                    f"one shared server adapter ({loss('hsplitlora-server-per-client'):.4f} vs {loss('hsplitlora'):.4f}).")
     sims = {r["name"]: r["summary"]["sim_time_s"] / max(1, r["summary"]["steps"]) for r in runs}
+    cfg = runs[0]["config"]
+    net = cfg["network"]
+    links = [(d.get("bandwidth_mbps") or net["bandwidth_mbps"], d.get("latency_ms") or net["latency_ms"])
+             for d in cfg["hsplitlora"]["devices"].values()] or [(net["bandwidth_mbps"], net["latency_ms"])]
+    slowest = min(links)
     out.append("- Simulated time per step: " + ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in sims.items())
-               + ". Every step waits for the slowest client's activations and gradients on its link (50 Mbit/s "
-               "here, 2 x 10 ms latency); at this model size that, not compute, sets the step time, so the "
-               "configurations differ in time mainly through their loss per step and the adapters' bytes.")
+               + f". Every step waits for the slowest client's activations and gradients on its link ({slowest[0]:g} "
+               f"Mbit/s here, 2 x {slowest[1]:g} ms latency); at this model size that, not compute, sets the step "
+               "time, so the configurations differ in time mainly through their loss per step and the adapters' bytes.")
     if target is not None:
         reached = {r["name"]: first_at_or_below(eval_curve(r), target) for r in runs}
         got = [f"{n} at {v[1]:.2f} s (step {v[0]})" for n, v in reached.items() if v]
