@@ -196,7 +196,7 @@ def evaluate_untrained(cfg) -> dict:
     if moved:
         raise RuntimeError(f"{len(moved)} adapters start with a non-zero B (e.g. {moved[0]}): the untrained run would "
                            "not be the pretrained model")
-    result = write_generations(out, evaluate(strategy, built, generate=cfg.eval.generate))
+    result = write_generations(out / "generations.jsonl", evaluate(strategy, built, generate=cfg.eval.generate))
     (out / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": -1, "sim_time_s": 0.0, **result}) + "\n")
     zero = {"activations": 0, "gradients": 0, "labels": 0, "adapters": 0}
     summary = {

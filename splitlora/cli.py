@@ -156,15 +156,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from splitlora.trainer import evaluate, load_run
+    from splitlora.trainer import evaluate, load_run, write_generations
 
     built, strategy, step = load_run(args.run_dir)
     result = evaluate(strategy, built, generate=not args.no_generate)
-    outputs = result.pop("outputs", None)
-    if args.generations and outputs is not None:
-        from pathlib import Path
-
-        Path(args.generations).write_text("".join(json.dumps(o) + "\n" for o in outputs))
+    if args.generations:
+        result = write_generations(args.generations, result)
+    result.pop("outputs", None)
     result["step"] = step
     print(json.dumps(result, indent=2))
     return 0

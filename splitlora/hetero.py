@@ -38,6 +38,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .timemodel import compute_seconds, link_seconds
+
 GIB = float(2**30)
 # Korthikanti et al. 2022 ("Reducing activation recomputation"): 34 s b h + 5 a s^2 b bytes per layer
 # at 2 bytes per element, i.e. 17 elements per token x hidden and 2.5 per batch x head x seq^2.
@@ -60,12 +62,10 @@ class DeviceProfile:
     latency_ms: float
 
     def compute(self, flops: float) -> float:
-        return flops / (self.tflops * 1e12)
+        return compute_seconds(flops, self.tflops)
 
     def transfer(self, nbytes: float) -> float:
-        if nbytes <= 0:
-            return 0.0
-        return self.latency_ms / 1e3 + nbytes * 8 / (self.bandwidth_mbps * 1e6)
+        return link_seconds(nbytes, self.bandwidth_mbps, self.latency_ms)
 
     @property
     def memory_bytes(self) -> Optional[float]:

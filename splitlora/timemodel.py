@@ -14,6 +14,17 @@ import torch
 from torch import nn
 
 
+def compute_seconds(flops: float, tflops: float) -> float:
+    return flops / (tflops * 1e12)
+
+
+def link_seconds(nbytes: float, bandwidth_mbps: float, latency_ms: float) -> float:
+    """One transfer: latency + bytes x 8 / bandwidth; nothing sent costs nothing."""
+    if nbytes <= 0:
+        return 0.0
+    return latency_ms / 1e3 + nbytes * 8 / (bandwidth_mbps * 1e6)
+
+
 @dataclass(frozen=True)
 class TimeModel:
     client_tflops: float
@@ -22,15 +33,13 @@ class TimeModel:
     latency_ms: float
 
     def client_compute(self, flops: float) -> float:
-        return flops / (self.client_tflops * 1e12)
+        return compute_seconds(flops, self.client_tflops)
 
     def server_compute(self, flops: float) -> float:
-        return flops / (self.server_tflops * 1e12)
+        return compute_seconds(flops, self.server_tflops)
 
     def transfer(self, nbytes: float) -> float:
-        if nbytes <= 0:
-            return 0.0
-        return self.latency_ms / 1e3 + nbytes * 8 / (self.bandwidth_mbps * 1e6)
+        return link_seconds(nbytes, self.bandwidth_mbps, self.latency_ms)
 
 
 def matmul_params(module: nn.Module) -> int:

@@ -196,13 +196,14 @@ def evaluate(strategy, built: Built, *, generate: bool, progress: bool = True) -
     return result
 
 
-def write_generations(out: Path, result: dict) -> dict:
-    """Moves an evaluation's decoded outputs (one per source) into out/generations.jsonl, so that
-    the metrics and the summary keep a few samples only; returns the result without them."""
+def write_generations(path: Path, result: dict) -> dict:
+    """Moves an evaluation's decoded outputs (one per source) into the JSON-lines file `path` (a
+    run's generations.jsonl), so that the metrics and the summary keep a few samples only; returns
+    the result without them."""
     outputs = result.get("outputs")
     if outputs is None:
         return result
-    path = Path(out) / "generations.jsonl"
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(o) + "\n" for o in outputs))
     os.replace(tmp, path)
@@ -419,7 +420,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     if not is_server:
         return {}
     eval0 = time.perf_counter()
-    final = write_generations(out, evaluate(strategy, built, generate=cfg.eval.generate))
+    final = write_generations(out / "generations.jsonl", evaluate(strategy, built, generate=cfg.eval.generate))
     metrics.write({"type": "eval", "step": t.steps - 1, "sim_time_s": totals["sim_time_s"],
                    "wall_time_s": totals["wall_time_s"], "eval_time_s": time.perf_counter() - eval0, **final})
     adapter_dir = export_result(strategy, built, out)

@@ -20,7 +20,7 @@ from its budget and from the importance of the weights (`splitlora.hetero`):
   StepResult.extra (cut, total rank, estimates per client) and in the run summary
   (`memory_report()`).
 - Memory: the planner estimates a client step's memory (`SegmentCost.memory_bytes`); each client
-  step also measures the activations its forward really keeps for the backward
+  also measures, once per configuration, the activations its forward really keeps for the backward
   (`splitlora.memory.SavedActivationMeter`), reported per step and in `memory_report()` next to
   the estimate (on GPT-2 shapes the estimate, Korthikanti et al.'s count, is 1.5 to 1.7x the
   measurement: conservative).
@@ -212,9 +212,10 @@ class HSplitLoRA(_SplitBase):
         self.rounds_done = 0
         self.reconfigurations = 0
         self.last_change: Optional[float] = None
-        # Per client, the bytes its last forward saved for the backward (measured; the planner
-        # estimates them with SegmentCost.activation_bytes).
+        # Per client, the bytes its forward saved for the backward (measured; the planner estimates
+        # them with SegmentCost.activation_bytes), and the configuration they were measured at.
         self._activation_bytes: Dict[int, int] = {}
+        self._measured_at: Dict[int, tuple] = {}
         for c in range(self.num_clients):
             self._restart_adapters(c, self._seed(0))
         self._announce("initial configuration (uniform importance)")
@@ -387,11 +388,17 @@ class HSplitLoRA(_SplitBase):
 
     def _client_forward(self, c: int, step: int):
         # Measure what the client's forward keeps for its backward: the memory term the planner
-        # estimates (its parameters, frozen and adapters, are left out).
+        # estimates (its parameters, frozen and adapters, are left out). Batches have one shape
+        # (padded), so the figure changes only with the client's cut and ranks: measured once per
+        # configuration, not on every step.
+        plan = self.plans[c]
+        config = (plan.cut_layer, tuple(sorted(plan.ranks.items())))
+        if self._measured_at.get(c) == config:
+            return super()._client_forward(c, step)
         meter = SavedActivationMeter(exclude=self.parts[c].parameters())
         with meter:
             out = super()._client_forward(c, step)
-        self._activation_bytes[c] = meter.bytes
+        self._activation_bytes[c], self._measured_at[c] = meter.bytes, config
         return out
 
     def _server_compute(self, step: int, group, received, metas):

@@ -119,15 +119,20 @@ class _SplitBase(Strategy):
                 metas.append(self._decode_from(c, step, "labels", lambda: unpack_tensors(meta, self.device)))
         return received, metas
 
+    def _server_forward(self, received, metas):
+        """The server's forward over every client's activations as one batch: (cut activations,
+        which collect the clients' gradients, rows per client, server output)."""
+        self.server_side.zero_grad()
+        sizes = [r.shape[0] for r in received]
+        h_all = torch.cat(received).requires_grad_(True)
+        return h_all, sizes, self.server(h_all, torch.cat([m["attention_mask"] for m in metas]))
+
     def _server_compute(self, step: int, group: Sequence[int], received, metas):
         """Plain variant: one forward/backward over all clients' activations, one optimizer step;
         returns the losses and, per client, the future of its encoded gradient."""
         n_group = len(group)
         with self.rng(SERVER), self._server_timer:
-            self.server_side.zero_grad()
-            sizes = [r.shape[0] for r in received]
-            h_all = torch.cat(received).requires_grad_(True)
-            out = self.server(h_all, torch.cat([m["attention_mask"] for m in metas]))
+            h_all, sizes, out = self._server_forward(received, metas)
             losses = [causal_lm_loss(lg, m["labels"]) for lg, m in zip(out.split(sizes), metas)]
             torch.stack(losses).mean().backward()
             self.server_side.step()
@@ -200,10 +205,7 @@ class _SplitBase(Strategy):
         transport = self.transport
         n_group = len(group)
         with self.rng(SERVER), self._server_timer:
-            self.server_side.zero_grad()
-            sizes = [r.shape[0] for r in received]
-            h_all = torch.cat(received).requires_grad_(True)
-            out = self.server(h_all, torch.cat([m["attention_mask"] for m in metas]))
+            h_all, sizes, out = self._server_forward(received, metas)
             down = {}
             for c, o in zip(group, out.split(sizes)):
                 packet = self.act_down[c].encode(o.detach())

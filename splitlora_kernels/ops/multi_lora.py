@@ -427,6 +427,12 @@ def multi_lora_linear_reference(
     backward). The CPU path of `multi_lora_linear` and the oracle of the Triton kernels."""
     offs, scal = check_multi_lora_args(x, weight, lora_as, lora_bs, scalings, offsets, bias,
                                        name="multi_lora_linear_reference")
+    return _reference(x, weight, lora_as, lora_bs, scal, offs, bias)
+
+
+def _reference(x, weight, lora_as, lora_bs, scal: List[float], offs: List[int], bias):
+    """multi_lora_linear_reference on arguments already checked (scalings and offsets as lists):
+    the entry points validate once, not again on the way to it."""
     out_features, in_features = weight.shape
     x2d = x.reshape(-1, in_features)
     parts = [lora_linear_reference(x2d[offs[g]:offs[g + 1]], weight, a, b, scal[g], bias)
@@ -661,7 +667,7 @@ def multi_lora_linear_triton(
 
 def _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias):
     if x.numel() == 0:
-        return multi_lora_linear_reference(x, weight, lora_as, lora_bs, scal, offs, bias)
+        return _reference(x, weight, lora_as, lora_bs, scal, offs, bias)
     out_features, in_features = weight.shape
     plan = _Plan(offs, [a.shape[0] for a in lora_as], scal, in_features, out_features, x.device)
     if x.is_cuda and x.get_device() != _ll._current_device():
@@ -693,4 +699,4 @@ def multi_lora_linear(
                      x.dtype, x.device, [a.shape[0] for a in lora_as])
     if backend == "triton":
         return _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias)
-    return multi_lora_linear_reference(x, weight, lora_as, lora_bs, scal, offs, bias)
+    return _reference(x, weight, lora_as, lora_bs, scal, offs, bias)
