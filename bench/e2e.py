@@ -3,6 +3,7 @@
     python -m bench.e2e --size cpu --report                      # the CPU size, then bench.report
     python -m bench.e2e --size cpu --steps 4 --only splitlora-int8,centralized   # smoke check (runs/e2e-quick/)
     python -m bench.e2e --size gpu                               # GPT-2 medium shape (a GPU machine)
+    python -m bench.bench_trainer --device cuda --model llama-7b # the GPU size's Llama-7B server MFU
     python -m bench.e2e --size quality-cpu --report              # BLEU, ROUGE-L, perplexity of SmolLM2-135M
 
 Each run is one `splitlora.trainer.train(cfg)` into `<out>/<name>/` (default `runs/e2e/`; quick tries

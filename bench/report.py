@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+from splitlora.timemodel import SIM_LINK_KEYS, SimTime
+
 ROOT = Path(__file__).resolve().parent.parent
 # Keys that may differ between the runs of one comparison.
 PER_RUN_KEYS = ("strategy", "output_dir", "codec", "resume")
@@ -145,6 +147,8 @@ def curves(run: dict) -> dict:
         "step": [m["step"] + 1 for m in evals],  # steps completed at the evaluation
         "loss": [m["eval_loss"] for m in evals],
         "sim": [m["sim_time_s"] for m in evals],
+        # The link parts of each evaluation's simulated time (None in runs recorded before they were kept).
+        "link": [tuple(m[k] for k in SIM_LINK_KEYS) if all(k in m for k in SIM_LINK_KEYS) else None for m in evals],
         "wall": [wall_at.get(m["step"], float("nan")) for m in evals],
         "train_step": [m["step"] + 1 for m in steps],
         "train_loss": [m["loss"] for m in steps],
@@ -168,10 +172,64 @@ def step_noise(row: dict, k: int = 5) -> str:
 
 
 def time_to_target(c: dict, target: float):
-    for step, loss, sim, wall in zip(c["step"], c["loss"], c["sim"], c["wall"]):
+    for step, loss, sim, wall, link in zip(c["step"], c["loss"], c["sim"], c["wall"], c["link"]):
         if loss <= target:
-            return {"step": step, "sim": sim, "wall": wall}
+            return {"step": step, "sim": sim, "wall": wall, "link": link}
     return None
+
+
+# Links to re-price the simulated times at: (label, Mbit/s, ms). The configured link is added first.
+LINK_SETTINGS = [("10 Mbit/s, 50 ms", 10.0, 50.0), ("1 Gbit/s, 1 ms", 1e3, 1.0), ("10 Gbit/s, 0.1 ms", 1e4, 0.1),
+                 ("100 Gbit/s, 0.01 ms", 1e5, 0.01), ("free links", math.inf, 0.0)]
+
+
+def repriced(sim: float, link, bandwidth_mbps: float, latency_ms: float):
+    """Simulated seconds with every transfer at another link (splitlora.timemodel.SimTime.at), from
+    the recorded (link seconds, messages, bits); None when they were not recorded."""
+    if link is None or any(math.isnan(x) for x in link):
+        return None
+    link_s, messages, bits = link
+    return SimTime(sim, messages=messages, bits=bits, link_seconds=link_s).at(bandwidth_mbps, latency_ms)
+
+
+def link_sweep_lines(rows: list, target: float) -> list:
+    """Time to target re-priced at other links: the runs are the same (the time model does not
+    change training), only what each transfer costs changes."""
+    net = rows[0]["run"]["config"]["network"]
+    configured = (f"{net['bandwidth_mbps']:g} Mbit/s, {net['latency_ms']:g} ms (configured)",
+                  net["bandwidth_mbps"], net["latency_ms"])
+    settings = [configured] + [x for x in LINK_SETTINGS if x[1:] != configured[1:]]
+    missing = [r["name"] for r in rows if r["hit"] and r["hit"]["link"] is None]
+    hit_rows = [r for r in rows if r["hit"] and r["hit"]["link"] is not None]
+    if not hit_rows:
+        return []
+    table = {r["name"]: [repriced(r["hit"]["sim"], r["hit"]["link"], bw, lat) for _, bw, lat in settings]
+             for r in hit_rows}
+    best = [min(v[i] for v in table.values()) for i in range(len(settings))]
+    lines = [
+        "Simulated seconds to the target at other links: each run's time to target re-priced with every "
+        "transfer at the given bandwidth and latency (the same runs: the time model does not change training; "
+        "each step and evaluation record keeps the link seconds, transfers and bits of its simulated time, "
+        "`splitlora.timemodel.SimTime`; exact when the clients are alike, as here). Fastest per column in bold.",
+        "",
+        "| run | " + " | ".join(label for label, _, _ in settings) + " |",
+        "|---|" + "---|" * len(settings),
+    ]
+    for name, values in table.items():
+        cells = [f"**{fmt_s(v)}**" if v == best[i] else fmt_s(v) for i, v in enumerate(values)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    baselines = [b for b in ("centralized", "fedlora") if b in table]
+    for name in ("splitlora-fp32", "splitlora-int8", "splitlora-int4-ef"):
+        if name not in table or not baselines:
+            continue
+        wins = [label for i, (label, _, _) in enumerate(settings)
+                if all(table[name][i] < table[b][i] for b in baselines)]
+        lines.append(f"- {name} reaches the target before {' and '.join(baselines)} at: "
+                     + (", ".join(wins) if wins else "none of these links") + ".")
+    if missing:
+        lines.append(f"- Not re-priced (run recorded before the link parts were kept): {', '.join(missing)}.")
+    return lines + [""]
 
 
 def fp32_reference(runs: list, run: dict):
@@ -481,6 +539,7 @@ def section(rows, excluded, target, target_note, suite, plots, results_path) -> 
         tables(rows, target),
         "",
         *time_model_note(rows),
+        *link_sweep_lines(rows, target),
         "Targets of issue 7 on this data:",
         "",
         *check_targets(rows, target),

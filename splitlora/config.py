@@ -62,6 +62,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("synthetic", "e2e")
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("adamw", "sgd")
+# After the warmup: constant, or decaying to 0 at the last step (linearly, or along a half cosine).
+LR_SCHEDULES = ("constant", "linear", "cosine")
 # strategy fedcybgd: order of the block cycle, what a block is, how updated blocks come down.
 FEDCYBGD_ORDERS = ("ascending", "descending", "random")
 FEDCYBGD_BLOCKS = ("layers", "all")
@@ -165,6 +167,7 @@ class TrainConfig:
     lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     max_grad_norm: float | None = 1.0
     optimizer: str = "adamw"
     aggregate_every: int = 10
@@ -543,6 +546,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     at_least("train.weight_decay", t.weight_decay, 0)
     positive("train.max_grad_norm", t.max_grad_norm, optional=True)
     one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     if t.u_shape and cfg.strategy not in SPLIT_STRATEGIES:
         errors.append(f"train.u_shape: only for the split strategies ({', '.join(SPLIT_STRATEGIES)}); "
                       f"strategy is {cfg.strategy!r}")

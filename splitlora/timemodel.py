@@ -18,11 +18,64 @@ def compute_seconds(flops: float, tflops: float) -> float:
     return flops / (tflops * 1e12)
 
 
+class SimTime(float):
+    """Simulated seconds that remember what of them the links took: `messages` transfers (each
+    paying the latency) carrying `bits`, which cost `link_seconds` on the configured links.
+
+    It is a float, so the strategies compose step times as before (+ for phases one after
+    another, max() for parties in parallel: max keeps the slowest party's SimTime whole). Only +
+    carries the link parts along; any other arithmetic gives a plain float, which counts as
+    compute. `at(bandwidth, latency)` re-prices the link parts for another link: the same run's
+    time on a slower or faster network, with the critical path (which party was slowest) held as
+    it was. That is exact when the parties that max() compares differ only in compute or are
+    alike (homogeneous clients sending packets of one size), and an estimate otherwise."""
+
+    def __new__(cls, seconds: float = 0.0, messages: float = 0.0, bits: float = 0.0, link_seconds: float = 0.0):
+        obj = super().__new__(cls, seconds)
+        obj.messages, obj.bits, obj.link_seconds = float(messages), float(bits), float(link_seconds)
+        return obj
+
+    def __add__(self, other):
+        if not isinstance(other, (int, float)):
+            return NotImplemented
+        return SimTime(float(self) + float(other), self.messages + getattr(other, "messages", 0.0),
+                       self.bits + getattr(other, "bits", 0.0), self.link_seconds + getattr(other, "link_seconds", 0.0))
+
+    __radd__ = __add__
+
+    def __repr__(self) -> str:
+        return (f"SimTime({float(self)!r}, messages={self.messages!r}, bits={self.bits!r}, "
+                f"link_seconds={self.link_seconds!r})")
+
+    def __reduce__(self):  # pickling (checkpoints of totals, worker processes) keeps the parts
+        return SimTime, (float(self), self.messages, self.bits, self.link_seconds)
+
+    @property
+    def compute_seconds(self) -> float:
+        return float(self) - self.link_seconds
+
+    def at(self, bandwidth_mbps: float, latency_ms: float) -> float:
+        """These seconds with every link at `bandwidth_mbps` and `latency_ms` instead."""
+        return self.compute_seconds + self.messages * latency_ms / 1e3 + self.bits / (bandwidth_mbps * 1e6)
+
+
+# The names under which the trainer records a run's summed SimTime parts, beside sim_time_s, on
+# every step and evaluation record (metrics.jsonl): bench.report re-prices them for other links.
+SIM_LINK_KEYS = ("sim_link_s", "sim_link_messages", "sim_link_bits")
+
+
+def as_sim_time(seconds: float) -> SimTime:
+    """A SimTime for any simulated seconds; a plain float counts as compute only."""
+    return seconds if isinstance(seconds, SimTime) else SimTime(seconds)
+
+
 def link_seconds(nbytes: float, bandwidth_mbps: float, latency_ms: float) -> float:
-    """One transfer: latency + bytes x 8 / bandwidth; nothing sent costs nothing."""
+    """One transfer: latency + bytes x 8 / bandwidth (a SimTime that counts one message of
+    bytes x 8 bits); nothing sent costs nothing."""
     if nbytes <= 0:
         return 0.0
-    return latency_ms / 1e3 + nbytes * 8 / (bandwidth_mbps * 1e6)
+    seconds = latency_ms / 1e3 + nbytes * 8 / (bandwidth_mbps * 1e6)
+    return SimTime(seconds, messages=1, bits=nbytes * 8, link_seconds=seconds)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from . import config as config_mod
 from .adapters import LoraSpec, add_lora, check_targets_exist, existing_targets, whole_model_with_adapters
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .timemodel import TimeModel, count_params, peak_memory_bytes
+from .timemodel import SIM_LINK_KEYS, TimeModel, as_sim_time, count_params, peak_memory_bytes
 from .transport import make_transport
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,18 @@ def _restore(strategy, built: Built, state: dict) -> dict:
     s.transport.ledger.load_state_dict(state["ledger"])
     if "received" in state and hasattr(s.transport, "received"):
         s.transport.received.load_state_dict(state["received"])
-    return dict(state["totals"])
+    # A checkpoint written before the link parts of the simulated time were kept lacks them: they
+    # stay unknown (NaN) for the rest of the run rather than count only the steps after the resume.
+    return {**_new_totals(), **dict.fromkeys(SIM_LINK_KEYS, math.nan), **state["totals"]}
+
+
+def _new_totals() -> dict:
+    return {"sim_time_s": 0.0, **dict.fromkeys(SIM_LINK_KEYS, 0.0), "wall_time_s": 0.0, "client_compute_s": 0.0,
+            "server_compute_s": 0.0}
+
+
+def _time_fields(totals: dict) -> dict:
+    return {k: totals[k] for k in ("sim_time_s", *SIM_LINK_KEYS, "wall_time_s")}
 
 
 def _ledger(transport):
@@ -320,7 +331,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
         torch.set_rng_state(PartyRNG.initial_state(cfg.seed, role))
     metrics = MetricsLog(out / "metrics.jsonl")
     t = cfg.train
-    totals = {"sim_time_s": 0.0, "wall_time_s": 0.0, "client_compute_s": 0.0, "server_compute_s": 0.0}
+    totals = _new_totals()
     start = 0
     if cfg.resume:
         found = latest_checkpoint(ckpt_dir)
@@ -366,20 +377,23 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
                 raise FloatingPointError(f"the training loss became {result.loss} at step {step}; lower train.lr "
                                          "or enable train.max_grad_norm")
             end_of_round = (step + 1) % t.aggregate_every == 0 or step + 1 == t.steps
-            sim = result.sim_time_s
+            sim = as_sim_time(result.sim_time_s)
             if end_of_round and strategy.aggregates:
-                sim += strategy.end_round(step)
+                sim = sim + strategy.end_round(step)
             wall = time.perf_counter() - wall0
-            totals["sim_time_s"] += sim
+            totals["sim_time_s"] += float(sim)
+            totals["sim_link_s"] += sim.link_seconds
+            totals["sim_link_messages"] += sim.messages
+            totals["sim_link_bits"] += sim.bits
             totals["wall_time_s"] += wall
             totals["client_compute_s"] += result.client_compute_s
             totals["server_compute_s"] += result.server_compute_s
             round_wall += wall
-            round_sim += sim
+            round_sim += float(sim)
             if is_server:
                 moved = _bytes_moved(transport)
                 metrics.write({"type": "step", "step": step, "round": round_index, "loss": result.loss,
-                               "sim_time_s": totals["sim_time_s"], "wall_time_s": totals["wall_time_s"],
+                               **_time_fields(totals),
                                "client_compute_s": result.client_compute_s,
                                "server_compute_s": result.server_compute_s,
                                "bytes": moved - before, "bytes_total": moved,
@@ -390,8 +404,8 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
                     eval0 = time.perf_counter()
                     last_eval = evaluate(strategy, built, generate=False)
                     # wall_time_s: training time so far (evaluations excluded), as on step records.
-                    metrics.write({"type": "eval", "step": step, "sim_time_s": totals["sim_time_s"],
-                                   "wall_time_s": totals["wall_time_s"], "eval_time_s": time.perf_counter() - eval0,
+                    metrics.write({"type": "eval", "step": step, **_time_fields(totals),
+                                   "eval_time_s": time.perf_counter() - eval0,
                                    **last_eval})
             if end_of_round:
                 if is_server:
@@ -421,8 +435,8 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
         return {}
     eval0 = time.perf_counter()
     final = write_generations(out / "generations.jsonl", evaluate(strategy, built, generate=cfg.eval.generate))
-    metrics.write({"type": "eval", "step": t.steps - 1, "sim_time_s": totals["sim_time_s"],
-                   "wall_time_s": totals["wall_time_s"], "eval_time_s": time.perf_counter() - eval0, **final})
+    metrics.write({"type": "eval", "step": t.steps - 1, **_time_fields(totals),
+                   "eval_time_s": time.perf_counter() - eval0, **final})
     adapter_dir = export_result(strategy, built, out)
     _plot(metrics.read(), out / "loss.png", title=f"{cfg.strategy} ({_codec_name(cfg)})")
 

@@ -1,6 +1,7 @@
 """What every strategy shares: the training setup, losses, optimizers, timing and state."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,20 +69,44 @@ def make_optimizer(params: Sequence[nn.Parameter], train_cfg) -> torch.optim.Opt
     raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {train_cfg.optimizer!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_multiplier(step: int, train_cfg) -> float:
+    """The learning rate of optimizer step `step` (0-based, on the run's global step count) over
+    train.lr: a linear warmup over train.warmup_steps, then constant or, with train.lr_schedule
+    linear or cosine, a decay that reaches 0 after the last of train.steps. A decayed run ends with
+    small steps, so its final held-out loss moves far less from one evaluation to the next, which
+    is what comparisons of final losses (e.g. int8 against fp32 at the cut) need."""
     warmup = max(0, int(train_cfg.warmup_steps))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    schedule = getattr(train_cfg, "lr_schedule", "constant")
+    if schedule == "constant":
+        return 1.0
+    remaining = max(1, int(train_cfg.steps) - warmup)
+    done = min(1.0, (step - warmup + 1) / remaining)  # 1.0 after the last step
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"train.lr_schedule must be one of constant, linear, cosine; got {schedule!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg, offset: int = 0,
+                   updates_per_step: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule (lr_multiplier) on the global step, for an optimizer whose first update
+    is at global step `offset` and that updates `updates_per_step` times per global step (vanilla
+    SL's server: once per client), so that every party's learning rate follows the same steps."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        optimizer, lambda k: lr_multiplier(offset + k // updates_per_step, train_cfg))
 
 
 class Side:
     """One party's trainable modules with their optimizer, scheduler and clipping."""
 
-    def __init__(self, modules: Sequence[nn.Module], train_cfg) -> None:
+    def __init__(self, modules: Sequence[nn.Module], train_cfg, updates_per_step: int = 1) -> None:
         self.modules = [m for m in modules if m is not None]
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, train_cfg)
-        self.scheduler = make_scheduler(self.optimizer, train_cfg)
+        self.scheduler = make_scheduler(self.optimizer, train_cfg, updates_per_step=updates_per_step)
         self.max_grad_norm = train_cfg.max_grad_norm
 
     def zero_grad(self) -> None:

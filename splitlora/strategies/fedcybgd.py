@@ -71,7 +71,7 @@ from ..adapters import adapter_state, lora_plan, whole_model_names
 from ..aggregate import fedavg
 from ..timemodel import forward_flops, train_flops
 from ..transport import SERVER, client_name
-from .base import StepResult, Strategy, Timer, causal_lm_loss, make_optimizer
+from .base import StepResult, Strategy, Timer, causal_lm_loss, make_optimizer, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -233,10 +233,8 @@ class FedCyBGD(Strategy):
     def _make_round(self, blocks: List[int], params: Dict[str, nn.Parameter], offset: int) -> _ClientRound:
         t = self.cfg.train
         optimizer = make_optimizer(list(params.values()), t)
-        warmup = max(0, int(t.warmup_steps))
         # The learning-rate schedule runs on the global step, across rounds and blocks.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda k: min(1.0, (k + offset + 1) / warmup) if warmup else 1.0)
+        scheduler = make_scheduler(optimizer, t, offset)
         return _ClientRound(blocks, params, optimizer, scheduler, offset)
 
     def _start_round(self, step: int) -> None:

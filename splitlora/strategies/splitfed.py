@@ -45,7 +45,7 @@ class _SplitBase(Strategy):
         # One optimizer per client, even where clients share modules (vanilla SL): what a real
         # client keeps locally.
         self.client_sides = [Side([parts[c]], self.cfg.train) for c in range(self.num_clients)]
-        self.server_side = Side([self.server], self.cfg.train)
+        self.server_side = Side([self.server], self.cfg.train, updates_per_step=self._server_updates_per_step())
         self._unique_parts = unique_parts
         n = self.num_clients
         self.act_up = [self._stream(self.codec_settings, 4 * c) for c in range(n)]
@@ -71,6 +71,10 @@ class _SplitBase(Strategy):
                 f = self._fwd_flops(s.server, batch, end - cut)
             self._flops_cache[key] = f
         return self._flops_cache[key]
+
+    def _server_updates_per_step(self) -> int:
+        """How often the server's optimizer updates per global step (its schedule counts global steps)."""
+        return 1
 
     # -- the phases of one exchange, each run by the party that owns it ------------------------------
     def _begin_step(self, group: Sequence[int]) -> None:
@@ -372,6 +376,9 @@ class VanillaSL(_SplitBase):
 
     name = "sl"
     exact_export = True
+
+    def _server_updates_per_step(self) -> int:
+        return self.num_clients  # one exchange, and one server update, per client per step
 
     def __init__(self, setup) -> None:
         shared = client_parts(clone_sharing_frozen(setup.client),

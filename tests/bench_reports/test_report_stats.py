@@ -77,3 +77,26 @@ def test_client_rows_sum_bytes_and_replace_the_activation_estimate_by_the_measur
     assert [(r["up"], r["down"], r["adapters"]) for r in rows] == [(7, 8, 5), (7, 7, 0)]
     assert rows[0]["measured_memory_bytes"] == 10.0 - 6.0 + 4.0
     assert rows[1]["measured_memory_bytes"] is None
+
+
+def test_link_sweep_reprices_time_to_target():
+    """Two runs that reach the target at the same evaluation: a split run that sent 2 transfers of
+    1 Mbit and computed 0.01 s, and centralized, which computed 0.05 s and sent nothing. At the
+    configured 1 Mbit/s and 10 ms the split run takes 2.03 s; with free links it takes 0.01 s."""
+    net = {"bandwidth_mbps": 1.0, "latency_ms": 10.0}
+
+    def row(name, compute_s, messages, bits):
+        link_s = messages * 0.010 + bits / 1e6
+        return {"name": name, "run": {"config": {"network": net}},
+                "hit": {"step": 20, "sim": compute_s + link_s, "wall": 1.0, "link": (link_s, messages, bits)}}
+
+    rows = [row("centralized", 0.05, 0, 0), row("splitlora-fp32", 0.01, 2, 2e6)]
+    lines = report.link_sweep_lines(rows, target=1.0)
+    table = {l.split(" | ")[0].strip("| "): l for l in lines if l.startswith("| ") and "---" not in l}
+    assert table["splitlora-fp32"].split(" | ")[1] == report.fmt_s(2.03)
+    assert table["splitlora-fp32"].split(" | ")[-1].strip(" |*") == report.fmt_s(0.01)
+    assert report.repriced(2.03, (2.03 - 0.01, 2, 2e6), 1e3, 1.0) == pytest.approx(0.01 + 0.002 + 0.002)
+    wins = next(l for l in lines if l.startswith("- splitlora-fp32"))
+    # At 10 Mbit/s and 50 ms: 0.01 + 0.1 + 0.2 s, slower than centralized's 0.05 s; from 1 Gbit/s
+    # and 1 ms on (0.014 s) it is faster.
+    assert wins.endswith("at: 1 Gbit/s, 1 ms, 10 Gbit/s, 0.1 ms, 100 Gbit/s, 0.01 ms, free links."), wins

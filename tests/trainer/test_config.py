@@ -245,6 +245,7 @@ def test_out_of_range(override, key):
     ("data.source=wiki", "data.source", "synthetic, e2e"),
     ("data.partition=shards", "data.partition", "iid, dirichlet"),
     ("train.optimizer=adam", "train.optimizer", "adamw, sgd"),
+    ("train.lr_schedule=step", "train.lr_schedule", "constant, linear, cosine"),
     ("codec.bits=3", "codec.bits", "32, 16, 8, 4, 2"),
 ])
 def test_not_in_the_allowed_set(override, key, allowed):

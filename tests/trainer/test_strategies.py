@@ -6,6 +6,7 @@ import torch
 
 from splitlora.adapters import adapter_state
 from splitlora.strategies import make_strategy
+from splitlora.timemodel import SimTime
 from splitlora.trainer import build, evaluate, train
 from splitlora.wire import unpack_tensors
 from trainer_testutil import tiny_config
@@ -143,6 +144,76 @@ def test_every_strategy_learns(tmp_path, strategy):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
     result = evaluate(strat, built, generate=False)
     assert result["eval_loss"] == pytest.approx(torch.log(torch.tensor(result["eval_ppl"])).item(), rel=1e-6)
+
+
+def test_lr_multiplier_schedules():
+    from types import SimpleNamespace
+
+    from splitlora.strategies.base import lr_multiplier
+
+    def t(schedule, warmup=2, steps=10):
+        return SimpleNamespace(lr_schedule=schedule, warmup_steps=warmup, steps=steps)
+
+    for schedule in ("constant", "linear", "cosine"):  # the same warmup for all
+        assert [lr_multiplier(k, t(schedule)) for k in (0, 1)] == [0.5, 1.0]
+    assert [lr_multiplier(k, t("constant")) for k in (2, 9, 50)] == [1.0, 1.0, 1.0]
+    # Linear: 8 steps after the warmup, the last one (step 9) at 0.
+    assert [lr_multiplier(k, t("linear")) for k in range(2, 10)] == pytest.approx([7 / 8, 6 / 8, 5 / 8, 4 / 8,
+                                                                                3 / 8, 2 / 8, 1 / 8, 0.0])
+    # Cosine: half-way down at the middle of the decay, 0 at the end, never below 0 after it.
+    assert lr_multiplier(5, t("cosine")) == pytest.approx(0.5)
+    assert lr_multiplier(9, t("cosine")) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(20, t("cosine")) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(0, t("linear", warmup=0, steps=4)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("strategy", ["splitlora", "sl", "fedlora", "centralized"])
+def test_every_party_follows_the_global_lr_schedule(tmp_path, strategy):
+    """The learning rate of every optimizer (each client's, the server's) after global step k is
+    lr x lr_multiplier(k + 1), whatever the number of updates a party makes per step (vanilla SL's
+    server updates once per client)."""
+    from splitlora.strategies.base import Side, lr_multiplier
+
+    cfg = tiny_config(tmp_path, f"strategy={strategy}", "train.lr_schedule=linear", "train.warmup_steps=1",
+                      "train.steps=5", "train.clients=3")
+    built = build(cfg, log=lambda *_: None)
+    strat = make_strategy(built.setup)
+    sides = [v for v in vars(strat).values() if isinstance(v, Side)]
+    sides += [x for v in vars(strat).values() if isinstance(v, list) for x in v if isinstance(x, Side)]
+    assert sides
+    for step in range(4):
+        built.setup.transport.set_round(step // cfg.train.aggregate_every)
+        strat.train_step(step)
+        want = cfg.train.lr * lr_multiplier(step + 1, cfg.train)
+        for side in sides:
+            assert side.optimizer.param_groups[0]["lr"] == pytest.approx(want), (step, side)
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("splitlora", ["codec.bits=8"]), ("sl", []), ("fedlora", []), ("centralized", []),
+    ("splitlora", ["train.u_shape=true", "model.server_end=2"]), ("fedcybgd", ["fedcybgd.blocks=all"]),
+])
+def test_recorded_link_parts_reprice_to_another_network(tmp_path, strategy, extra):
+    """The simulated time re-priced from one run's recorded link parts (what bench.report does)
+    equals what a run on the other network simulates: the time model does not change training,
+    and with alike clients the critical path is the same."""
+    runs = {}
+    for name, net in (("slow", ["network.bandwidth_mbps=50", "network.latency_ms=20"]),
+                      ("fast", ["network.bandwidth_mbps=4000", "network.latency_ms=0.5"])):
+        cfg = tiny_config(tmp_path, f"strategy={strategy}", "train.eval_every=3", *extra, *net, name=name)
+        train(cfg, progress=False, log=lambda *_: None)
+        runs[name] = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    slow, fast = ([r for r in runs[k] if r["type"] in ("step", "eval")] for k in ("slow", "fast"))
+    assert [(r["type"], r["step"]) for r in slow] == [(r["type"], r["step"]) for r in fast]
+    for a, b in zip(slow, fast):
+        repriced = SimTime(a["sim_time_s"], messages=a["sim_link_messages"], bits=a["sim_link_bits"],
+                           link_seconds=a["sim_link_s"]).at(4000.0, 0.5)
+        assert repriced == pytest.approx(b["sim_time_s"], rel=1e-9, abs=1e-12), (a, b)
+        assert (a["sim_link_messages"], a["sim_link_bits"]) == (b["sim_link_messages"], b["sim_link_bits"])
+    if strategy != "centralized":  # centralized sends nothing
+        assert slow[-1]["sim_link_messages"] > 0 and slow[-1]["sim_link_s"] > 0.5 * slow[-1]["sim_time_s"]
+    else:
+        assert slow[-1]["sim_link_messages"] == 0 and slow[-1]["sim_time_s"] == fast[-1]["sim_time_s"]
 
 
 @pytest.mark.parametrize("strategy, extra", [

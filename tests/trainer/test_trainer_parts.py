@@ -5,7 +5,7 @@ from torch import nn
 
 from splitlora.aggregate import fedavg
 from splitlora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from splitlora.timemodel import TimeModel, forward_flops, matmul_params, train_flops
+from splitlora.timemodel import SimTime, TimeModel, as_sim_time, forward_flops, matmul_params, train_flops
 from splitlora.transport import LocalTransport, TransportError
 from splitlora.wire import CodecSettings, TensorStream, pack_tensors, unpack_tensors
 
@@ -97,3 +97,25 @@ def test_time_model_and_flops():
     f = forward_flops(layer, batch=2, seq_len=3, num_layers=1, hidden_size=4)
     assert f == 2 * 6 * 64 + 4 * 6 * 3 * 4
     assert train_flops(f) == 2 * f and train_flops(f, full_finetune=True) == 3 * f
+
+
+def test_sim_time_keeps_and_reprices_link_parts():
+    tm = TimeModel(client_tflops=2.0, server_tflops=10.0, bandwidth_mbps=8.0, latency_ms=5.0)
+    small, big = tm.transfer(1_000_000), tm.transfer(3_000_000)
+    compute = tm.client_compute(4e12)  # 2 s, a plain float
+    # Phases in a row add up; parallel parties: max keeps the slowest one's parts.
+    step = compute + max(small, big) + sum(tm.transfer(b) for b in (500_000, 500_000))
+    assert isinstance(step, SimTime)
+    assert float(step) == pytest.approx(2.0 + (0.005 + 3.0) + 2 * (0.005 + 0.5))
+    assert step.messages == 3 and step.bits == 8 * 4_000_000
+    assert step.compute_seconds == pytest.approx(2.0)
+    # Re-priced at the configured link it is itself; at 80 Mbit/s and no latency the bits cost 10x less.
+    assert step.at(8.0, 5.0) == pytest.approx(float(step))
+    assert step.at(80.0, 0.0) == pytest.approx(2.0 + 32e6 / 80e6)
+    # A float that is not a SimTime is compute only; other arithmetic drops the parts.
+    assert as_sim_time(1.5).at(1.0, 1000.0) == 1.5
+    assert type(step * 2) is float
+    import pickle
+    again = pickle.loads(pickle.dumps(step))
+    assert (float(again), again.messages, again.bits, again.link_seconds) == \
+        (float(step), step.messages, step.bits, step.link_seconds)
