@@ -223,10 +223,11 @@ def link_sweep_lines(rows: list, target: float) -> list:
     for name in ("splitlora-fp32", "splitlora-int8", "splitlora-int4-ef"):
         if name not in table or not baselines:
             continue
-        wins = [label for i, (label, _, _) in enumerate(settings)
-                if all(table[name][i] < table[b][i] for b in baselines)]
-        lines.append(f"- {name} reaches the target before {' and '.join(baselines)} at: "
-                     + (", ".join(wins) if wins else "none of these links") + ".")
+        parts = []
+        for b in baselines:
+            wins = [label for i, (label, _, _) in enumerate(settings) if table[name][i] < table[b][i]]
+            parts.append(f"before {b} at: " + (", ".join(wins) if wins else "none of these links"))
+        lines.append(f"- {name} reaches the target " + "; ".join(parts) + ".")
     if missing:
         lines.append(f"- Not re-priced (run recorded before the link parts were kept): {', '.join(missing)}.")
     return lines + [""]

@@ -124,8 +124,10 @@ def lora_plan(segment: nn.Module) -> Dict[str, Tuple[int, float, float, bool]]:
 def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str, tuple]],
                               state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of the unsplit model with LoRA where the segments had it, loaded with `state`
-    (whole-model names): what export writes in PEFT format and what centralized LoRA trains."""
-    model = copy.deepcopy(base_model)
+    (whole-model names): what export writes in PEFT format, what the final evaluation generates
+    with, and what centralized LoRA trains. The copy shares the frozen weights of `base_model`
+    (the trainer freezes it): the adapters are new, but a 7B model's weights are not held twice."""
+    model = clone_sharing_frozen(base_model)
     groups: Dict[tuple, List[str]] = {}
     for plan in plans:
         for name, (r, alpha, dropout, rslora) in plan.items():

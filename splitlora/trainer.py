@@ -102,6 +102,10 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}; use the model's tokenizer (data.tokenizer) or a larger vocab_size")
     model.config.use_cache = False
+    # The base model itself is never trained: strategies train adapters on copies (or, FedCyBGD,
+    # new Parameters). Frozen, its weights can be shared by the export, evaluation and centralized
+    # models instead of copied (adapters.whole_model_with_adapters).
+    model.requires_grad_(False)
     model.to(device)
     num_layers = model.config.num_hidden_layers
     server_end = config_mod.validate_model_layers(cfg, num_layers)

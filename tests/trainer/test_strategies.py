@@ -241,6 +241,40 @@ def test_exact_export_computes_what_logits_fn_computes(tmp_path, strategy, extra
         expected = getattr(out, "logits", out)
         got = whole(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    # The generation model holds new adapters but the base model's weights, not a copy of them.
+    base = {id(p) for p in built.setup.base_model.parameters()}
+    frozen = [p for p in whole.parameters() if not p.requires_grad]
+    assert frozen and all(id(p) in base for n, p in whole.named_parameters() if "lora_" not in n)
+    assert not any(id(p) in base for n, p in whole.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("strategy", ["centralized", "hsplitlora", "fedcybgd"])
+def test_training_leaves_the_base_model_as_loaded(tmp_path, strategy):
+    """The base model's weights are shared (centralized's model, exports) or read (HSplitLoRA's
+    deltas, FedCyBGD's copy), never trained: after training they equal a fresh load's."""
+    extra = ["fedcybgd.blocks=all"] if strategy == "fedcybgd" else []
+    cfg = tiny_config(tmp_path, f"strategy={strategy}", "train.lr=0.03", *extra)
+    built = build(cfg, log=lambda *_: None)
+    as_loaded = {k: v.clone() for k, v in built.setup.base_model.state_dict().items()}
+    strat = make_strategy(built.setup)
+    for step in range(6):
+        built.setup.transport.set_round(step // cfg.train.aggregate_every)
+        strat.train_step(step)
+        if (step + 1) % cfg.train.aggregate_every == 0:
+            strat.end_round(step)
+    assert not any(p.requires_grad for p in built.setup.base_model.parameters())
+    for name, value in built.setup.base_model.state_dict().items():
+        torch.testing.assert_close(value, as_loaded[name], rtol=0, atol=0, msg=name)
+    # ...while the strategy did train (so an unchanged base model is not an idle run's).
+    if strategy == "fedcybgd":
+        trained = strat.model.state_dict()
+        assert any(not torch.equal(trained[k], v) for k, v in as_loaded.items())
+    else:
+        state = strat.export_state()[1]
+        assert max(float(v.abs().max()) for k, v in state.items() if k.endswith("lora_B")) > 0
+    if strategy == "centralized":  # its model trains adapters over the shared base weights
+        shared = {id(p) for p in built.setup.base_model.parameters()}
+        assert any(id(p) in shared for p in strat.model.parameters())
 
 
 def test_sl_hands_adapters_from_client_to_client(tmp_path):
