@@ -9,6 +9,13 @@ from trainer_testutil import tiny_config
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _one_tile_config(monkeypatch):
+    # The tiny model's layers come in many shapes: autotuning each one's Triton kernels would take
+    # minutes and test nothing these tests check (the kernels' numbers do not depend on the tile).
+    monkeypatch.setenv("SPLITLORA_TRITON_AUTOTUNE", "0")
+
+
 def _losses(cfg, steps):
     built = build(cfg, log=lambda *_: None)
     strategy = make_strategy(built.setup)
