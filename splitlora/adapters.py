@@ -104,6 +104,16 @@ def clone_sharing_frozen(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device when cuda means the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def whole_model_names(segment: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Renames a segment's adapter state to the names of the whole (unsplit) model."""
     out = {}
@@ -122,12 +132,23 @@ def lora_plan(segment: nn.Module) -> Dict[str, Tuple[int, float, float, bool]]:
 
 
 def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str, tuple]],
-                              state: Mapping[str, torch.Tensor]) -> nn.Module:
+                              state: Mapping[str, torch.Tensor], device=None) -> nn.Module:
     """A copy of the unsplit model with LoRA where the segments had it, loaded with `state`
-    (whole-model names): what export writes in PEFT format, what the final evaluation generates
-    with, and what centralized LoRA trains. The copy shares the frozen weights of `base_model`
-    (the trainer freezes it): the adapters are new, but a 7B model's weights are not held twice."""
-    model = clone_sharing_frozen(base_model)
+    (whole-model names), on `device` (default: where `base_model` is): what export writes in
+    PEFT format, what the final evaluation generates with, and what centralized LoRA trains.
+
+    On base_model's own device the copy shares its frozen weights (the trainer freezes it): the
+    adapters are new, but a 7B model's weights are not held twice. On another device (the
+    trainer keeps the base model in host memory, see trainer.build) each weight is copied
+    straight to `device`, never to a second host copy; base_model is left where it was."""
+    target = torch.device(device) if device is not None else None
+    if target is None or all(_same_device(p.device, target) for p in base_model.parameters()):
+        model = clone_sharing_frozen(base_model)
+    else:
+        memo = {id(p): nn.Parameter(p.detach().to(target), requires_grad=p.requires_grad)
+                for p in base_model.parameters()}
+        memo.update({id(b): b.to(target) for b in base_model.buffers()})
+        model = copy.deepcopy(base_model, memo)
     groups: Dict[tuple, List[str]] = {}
     for plan in plans:
         for name, (r, alpha, dropout, rslora) in plan.items():

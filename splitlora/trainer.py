@@ -72,6 +72,16 @@ def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
     return {"path": m.path, "gguf_file": m.gguf_file}
 
 
+def segments_on_device(client, server, tail, role: Optional[str]) -> list:
+    """The segments a process runs on its device. A client process (transport=dist, role
+    clientN) never runs the server's layers: its copy of them stays in host memory, so a weak
+    client's accelerator holds its bottom layers only. The server process and a one-process run
+    use every segment (the server evaluates through the clients' parts)."""
+    if role is not None and role.startswith("client"):
+        return [s for s in (client, tail) if s is not None]
+    return [s for s in (client, server, tail) if s is not None]
+
+
 def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None) -> Built:
     """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
     strategy given the same config and seed."""
@@ -104,9 +114,10 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     model.config.use_cache = False
     # The base model itself is never trained: strategies train adapters on copies (or, FedCyBGD,
     # new Parameters). Frozen, its weights can be shared by the export, evaluation and centralized
-    # models instead of copied (adapters.whole_model_with_adapters).
+    # models instead of copied (adapters.whole_model_with_adapters). It stays in host memory: what
+    # runs on the device are the segments (and the copies the whole-model strategies make), so a
+    # split run holds its weights on the device once, not twice.
     model.requires_grad_(False)
-    model.to(device)
     num_layers = model.config.num_hidden_layers
     server_end = config_mod.validate_model_layers(cfg, num_layers)
 
@@ -136,9 +147,8 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     if tail is not None:
         add_lora(tail, lc.target_modules, client_spec, seed=cfg.seed)
     add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
-    for seg in (client, server, tail):
-        if seg is not None:
-            seg.to(device)
+    for seg in segments_on_device(client, server, tail, role):
+        seg.to(device)
     torch.manual_seed(cfg.seed + 2)  # the training stream (dropout) starts from here
 
     net = cfg.network
@@ -222,7 +232,7 @@ def _generation_model(strategy, built: Built):
     if not getattr(strategy, "exact_export", False):
         return None
     plans, state = strategy.export_state()
-    return whole_model_with_adapters(built.setup.base_model, plans, state).to(built.device).eval()
+    return whole_model_with_adapters(built.setup.base_model, plans, state, device=built.device).eval()
 
 
 def _state(strategy, built: Built, step: int, totals: dict) -> dict:

@@ -26,7 +26,7 @@ class Centralized(Strategy):
         initial = {}
         for s in segments:
             initial.update(whole_model_names(s, adapter_state(s)))
-        self.model = whole_model_with_adapters(setup.base_model, self.plans, initial).to(self.device)
+        self.model = whole_model_with_adapters(setup.base_model, self.plans, initial, device=self.device)
         self.model.config.use_cache = False
         self.side = Side([self.model], self.cfg.train)
         s = setup

@@ -726,7 +726,8 @@ class HSplitLoRA(_SplitBase):
                     preview[full] = (module.lora_A.detach(), module.lora_B.detach(), scalings[name])
             original = dict(self.setup.base_model.named_modules())
             for full, (weight, fan_in_fan_out) in self._foldable.items():
-                delta = weight.detach().double() - original[full].weight.detach().double()
+                # The base model is in host memory (trainer.build), the folded weight on the device.
+                delta = weight.detach().double() - original[full].weight.detach().to(weight.device).double()
                 if fan_in_fan_out:
                     delta = delta.t()
                 if full in preview:

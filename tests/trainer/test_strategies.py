@@ -277,6 +277,18 @@ def test_training_leaves_the_base_model_as_loaded(tmp_path, strategy):
         assert any(id(p) in shared for p in strat.model.parameters())
 
 
+def test_client_processes_keep_the_server_layers_off_their_device():
+    from torch import nn
+
+    from splitlora.trainer import segments_on_device
+
+    client, server, tail = nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 1)
+    assert segments_on_device(client, server, None, "client1") == [client]
+    assert segments_on_device(client, server, tail, "client0") == [client, tail]
+    assert segments_on_device(client, server, None, "server") == [client, server]
+    assert segments_on_device(client, server, tail, None) == [client, server, tail]
+
+
 def test_sl_hands_adapters_from_client_to_client(tmp_path):
     cfg = tiny_config(tmp_path, "strategy=sl", "train.clients=3")
     built, _, _ = _run_steps(cfg, 2)

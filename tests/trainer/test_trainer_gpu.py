@@ -61,3 +61,34 @@ def test_cuda_hsplitlora_per_client_server_adapters_match_cpu(tmp_path):
     gpu_strategy, gpu = run("cuda")
     assert len(set(cpu_strategy._server_ranks(cpu_strategy.plans))) > 1  # unequal server ranks
     assert gpu == pytest.approx(cpu, rel=2e-3)
+
+
+def test_base_model_stays_in_host_memory_and_copies_go_to_the_gpu(tmp_path):
+    """On a GPU the segments run on the device while the base model stays in host memory (one
+    copy of the weights on the device, not two); the generation and centralized models are
+    copied to the device with the base model's values; a client process keeps the server's
+    layers off its device."""
+    from splitlora.trainer import _generation_model
+
+    cfg = tiny_config(tmp_path, "device=cuda", "train.clients=2")
+    built = build(cfg, log=lambda *_: None)
+    assert all(p.device.type == "cpu" for p in built.setup.base_model.parameters())
+    for segment in (built.setup.client, built.setup.server):
+        assert all(p.device.type == "cuda" for p in segment.parameters())
+    strategy = make_strategy(built.setup)
+    strategy.train_step(0)
+    whole = _generation_model(strategy, built)
+    base = dict(built.setup.base_model.named_parameters())
+    for name, p in whole.named_parameters():
+        assert p.device.type == "cuda", name
+        if name in base:
+            assert torch.equal(p.cpu(), base[name]), name
+    assert all(p.device.type == "cpu" for p in built.setup.base_model.parameters())  # left where it was
+
+    central = make_strategy(build(tiny_config(tmp_path, "device=cuda", "strategy=centralized", name="c"),
+                                  log=lambda *_: None).setup)
+    assert all(p.device.type == "cuda" for p in central.model.parameters())
+
+    client_built = build(cfg, log=lambda *_: None, role="client0")
+    assert all(p.device.type == "cuda" for p in client_built.setup.client.parameters())
+    assert all(p.device.type == "cpu" for p in client_built.setup.server.parameters())
