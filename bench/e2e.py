@@ -114,7 +114,8 @@ SIZES = {
     # yet (written in a session without a GPU): its length is a guess, and the learning rate (the CPU
     # size's 5e-3, with a warmup) is untested over 975 steps.
     "quality-gpu": {"config": "configs/bench-quality.yaml", "out": "runs/quality-gpu", "overrides": [
-        "device=cuda", "data.num_train=null", "data.num_eval=null", "train.batch_size=8", "train.steps=975",
+        "device=cuda", "data.pad_to=batch", "data.num_train=null", "data.num_eval=null", "train.batch_size=8",
+        "train.steps=975",
         "train.warmup_steps=50", "train.aggregate_every=25", "train.eval_every=325", "eval.max_sources=630",
         "eval.batch_size=32"], "runs": QUALITY, "threads": None, "data": {
         "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/testset_w_refs.csv"}},

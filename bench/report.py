@@ -271,6 +271,13 @@ def fmt_num(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+# How a run's config pads its batches and schedules its learning rate, in words (runs recorded
+# before these keys existed padded every batch to the longest and kept the rate constant).
+PADDING = {"batch": "each batch padded to its own longest sequence",
+           "dataset": "every batch padded to the longest of the training set"}
+LR_SCHEDULE = {"constant": "", "linear": " decaying linearly to 0", "cosine": " decaying along a cosine to 0"}
+
+
 def describe_setting(cfg: dict, runs: list) -> str:
     m, d, t, lo, n, e = (cfg["model"], cfg["data"], cfg["train"], cfg["lora"], cfg["network"], cfg["eval"])
     mc = m.get("config") or {}
@@ -285,8 +292,10 @@ def describe_setting(cfg: dict, runs: list) -> str:
         f"`{Path(d['train_path']).name}` ({'a sample of ' + str(d['num_train']) + ' lines' if d['num_train'] else 'every line'}), "
         f"held-out loss on `{Path(d['eval_path']).name}` (up to {d['num_eval']} lines, whole meaning representations "
         f"with all their references), {tok}, "
-        f"max {d['max_length']} tokens; {t['clients']} clients ({d['partition']}), batch {t['batch_size']} per client, "
-        f"{t['steps']} steps, AdamW lr {t['lr']:g}, FedAvg every {t['aggregate_every']} steps; LoRA r {lo['client']['r']} "
+        f"max {d['max_length']} tokens ({PADDING[d.get('pad_to', 'dataset')]}); {t['clients']} clients "
+        f"({d['partition']}), batch {t['batch_size']} per client, {t['steps']} steps, AdamW lr {t['lr']:g}"
+        f"{LR_SCHEDULE[t.get('lr_schedule', 'constant')]}, FedAvg every {t['aggregate_every']} steps; "
+        f"LoRA r {lo['client']['r']} "
         f"on client {lo['client']['target_modules']}, r {lo['server']['r']} on server {lo['server']['target_modules']}; "
         f"held-out loss every {t['eval_every']} steps; BLEU and ROUGE-L at the end on the first {e['max_sources']} "
         f"meaning representations (greedy, {e['max_new_tokens']} new tokens, all references). Time model: clients "

@@ -389,11 +389,16 @@ class ErrorFeedback:
     step's quantization error) instead of an error that grows with T.
 
     The residual has the shape of the stream's tensors; a different shape is a ValueError until
-    ``reset()``. ``state_dict()`` / ``load_state_dict()`` let a trainer checkpoint it.
+    ``reset()``. With ``variable_dim=d`` the tensors may differ in dimension d only (activations of
+    batches padded to their own longest sequence: [batch, length, hidden] with variable_dim=1):
+    the residual then spans the longest seen, each ``compress`` adds and renews its leading
+    slice, and the rest waits for a longer tensor. ``state_dict()`` / ``load_state_dict()`` let a
+    trainer checkpoint it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, variable_dim: int | None = None) -> None:
         self._residual: torch.Tensor | None = None
+        self.variable_dim = variable_dim
 
     @property
     def residual(self) -> torch.Tensor | None:
@@ -414,12 +419,9 @@ class ErrorFeedback:
         """Like ``splitlora.codec.compress`` but on ``x`` plus the stream's residual."""
         _check_input(x)
         residual = self._residual
-        if residual is not None and residual.shape != x.shape:
-            raise ValueError(
-                f"ErrorFeedback: this stream carried tensors of shape {tuple(residual.shape)}, got "
-                f"{tuple(x.shape)}; call reset() when the stream's shape changes on purpose "
-                f"(or use one ErrorFeedback per stream)"
-            )
+        partial = residual is not None and residual.shape != x.shape
+        if partial:
+            residual = self._leading_slice(x)
         corrected = x.detach().to(torch.float32, copy=True)
         if residual is not None:
             corrected += residual.to(corrected.device)
@@ -427,8 +429,34 @@ class ErrorFeedback:
         # rebuild x's dtype: the header's dtype, not the kernel input's, decides that.
         packet = _compress(corrected, bits, group_size, stochastic, generator, wire_dtype=x.dtype)
         decoded = _decode(packet, packet_info(packet))
-        self._residual = corrected.sub_(decoded.to(torch.float32))
+        missed = corrected.sub_(decoded.to(torch.float32))
+        if partial:
+            residual.copy_(missed)  # a view of the stream's residual
+        else:
+            self._residual = missed
         return packet
+
+    def _leading_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the residual that x's shape covers (a view), after growing the residual
+        with zeros where x is longer in `variable_dim`; a ValueError for any other change."""
+        residual = self._residual
+        d = self.variable_dim
+        same_elsewhere = (d is not None and residual.dim() == x.dim() and -x.dim() <= d < x.dim()
+                          and all(a == b for i, (a, b) in enumerate(zip(residual.shape, x.shape))
+                                  if i != d % x.dim()))
+        if not same_elsewhere:
+            allowed = "" if d is None else f" (they may differ in dimension {d} only)"
+            raise ValueError(
+                f"ErrorFeedback: this stream carried tensors of shape {tuple(residual.shape)}, got "
+                f"{tuple(x.shape)}{allowed}; call reset() when the stream's shape changes on purpose "
+                f"(or use one ErrorFeedback per stream)"
+            )
+        d %= x.dim()
+        if x.shape[d] > residual.shape[d]:
+            grow = list(residual.shape)
+            grow[d] = x.shape[d] - residual.shape[d]
+            self._residual = residual = torch.cat([residual, residual.new_zeros(grow)], dim=d)
+        return residual.narrow(d, 0, x.shape[d])
 
     def state_dict(self) -> dict:
         return {"residual": None if self._residual is None else self._residual.detach().clone()}

@@ -61,6 +61,7 @@ TRANSPORTS = ("local", "dist")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("synthetic", "e2e")
 PARTITIONS = ("iid", "dirichlet")
+PAD_TO = ("batch", "dataset")
 OPTIMIZERS = ("adamw", "sgd")
 # After the warmup: constant, or decaying to 0 at the last step (linearly, or along a half cosine).
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -140,6 +141,9 @@ class DataConfig:
     synthetic_examples: int = 4000
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
+    # Training batches padded to their own longest sequence ("batch"), or every batch to the
+    # longest of the training set ("dataset": fixed shapes, more bytes at the cut and more compute).
+    pad_to: str = "batch"
 
 
 @dataclass
@@ -524,6 +528,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     at_least("data.num_eval", d.num_eval, 1, optional=True)
     at_least("data.synthetic_examples", d.synthetic_examples, 1)
     one_of("data.partition", d.partition, PARTITIONS)
+    one_of("data.pad_to", d.pad_to, PAD_TO)
     positive("data.dirichlet_alpha", d.dirichlet_alpha)
 
     for side in ("client", "server"):

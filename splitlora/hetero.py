@@ -274,10 +274,13 @@ class SegmentCost:
     def adapter_params(self, ranks: Mapping[str, int]) -> int:
         return sum(int(ranks[w.name]) * (w.in_features + w.out_features) for w in self.weights)
 
-    def forward_flops(self, ranks: Mapping[str, int], batch: Optional[int] = None) -> float:
-        tokens = (batch or self.batch) * self.seq_len
+    def forward_flops(self, ranks: Mapping[str, int], batch: Optional[int] = None,
+                      seq_len: Optional[int] = None) -> float:
+        """Default batch and length: the planning's (the training set's longest sequence)."""
+        seq_len = seq_len or self.seq_len
+        tokens = (batch or self.batch) * seq_len
         return (2.0 * tokens * (self.matmul_params + self.adapter_params(ranks))
-                + 4.0 * tokens * self.seq_len * self.hidden * self.layers)
+                + 4.0 * tokens * seq_len * self.hidden * self.layers)
 
     def step_time_s(self, ranks: Mapping[str, int], device: DeviceProfile) -> float:
         """Forward to the cut, input-gradient backward (about one forward), activations up, gradients down."""

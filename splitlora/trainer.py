@@ -126,7 +126,8 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
 
     n = cfg.train.clients
     shards = partition([e.group for e in train_examples], n, d.partition, d.dirichlet_alpha, cfg.seed)
-    loaders = [ClientLoader(train_data, shard, cfg.train.batch_size, seed=cfg.seed, client_id=c)
+    loaders = [ClientLoader(train_data, shard, cfg.train.batch_size, seed=cfg.seed, client_id=c,
+                            trim=d.pad_to == "batch")
                for c, shard in enumerate(shards)]
 
     if cfg.train.u_shape:

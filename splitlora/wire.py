@@ -59,9 +59,13 @@ class TensorStream:
     uninterrupted one would.
     """
 
-    def __init__(self, settings: CodecSettings, *, error_feedback: bool = False, seed: int = 0) -> None:
+    def __init__(self, settings: CodecSettings, *, error_feedback: bool = False, seed: int = 0,
+                 variable_dim: Optional[int] = None) -> None:
         self.settings = settings
-        self.feedback = codec.ErrorFeedback() if (error_feedback and settings.compressed) else None
+        # variable_dim: the dimension in which the stream's tensors may change (the sequence, when
+        # batches are padded to their own longest; see codec.ErrorFeedback).
+        self.feedback = (codec.ErrorFeedback(variable_dim=variable_dim)
+                         if (error_feedback and settings.compressed) else None)
         self.generator = torch.Generator().manual_seed(seed) if settings.stochastic else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

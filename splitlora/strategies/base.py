@@ -99,6 +99,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg, offset: int = 0,
         optimizer, lambda k: lr_multiplier(offset + k // updates_per_step, train_cfg))
 
 
+def concat_right_padded(tensors: Sequence[torch.Tensor], pad_value: float = 0) -> torch.Tensor:
+    """Row-wise concatenation of [rows, length, ...] tensors whose lengths may differ (batches
+    padded to their own longest sequence, data.pad_to=batch): each is right-padded with
+    `pad_value` to the longest. With right padding and causal attention the added positions
+    change nothing at the real ones; take each part's own length back with `[:, :length]`."""
+    length = max(t.shape[1] for t in tensors)
+    return torch.cat([t if t.shape[1] == length else
+                      torch.cat([t, t.new_full((t.shape[0], length - t.shape[1], *t.shape[2:]), pad_value)], dim=1)
+                      for t in tensors])
+
+
 class Side:
     """One party's trainable modules with their optimizer, scheduler and clipping."""
 
@@ -218,15 +229,24 @@ class Strategy:
     # -- helpers ---------------------------------------------------------------------------------
     def _stream(self, settings: CodecSettings, index: int) -> TensorStream:
         # Distinct, reproducible stochastic-rounding seeds per stream.
+        # The cut's tensors are [batch, sequence, hidden]; the sequence varies with data.pad_to=batch.
         return TensorStream(settings, error_feedback=self.cfg.codec.error_feedback,
-                            seed=self.cfg.seed * 1_000_003 + index)
+                            seed=self.cfg.seed * 1_000_003 + index, variable_dim=1)
 
     def _batch(self, client: int) -> Dict[str, torch.Tensor]:
         batch = self.setup.loaders[client].next_batch()
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _fwd_flops(self, module: nn.Module, batch_size: int, num_layers: int) -> float:
-        return forward_flops(module, batch_size, self.setup.seq_len, num_layers, self.setup.hidden_size)
+    def _fwd_flops(self, module: nn.Module, batch_size: int, num_layers: int, seq_len: Optional[int] = None) -> float:
+        """Forward flops over batch_size sequences of seq_len tokens (default: the training set's
+        longest, the length of every batch with data.pad_to=dataset)."""
+        return forward_flops(module, batch_size, seq_len or self.setup.seq_len, num_layers, self.setup.hidden_size)
+
+    def _whole_model_flops(self, rows: int, seq_len: int) -> float:
+        """Forward flops of the unsplit model over rows x seq_len tokens (client and server segments)."""
+        s, cut = self.setup, self.cfg.model.cut_layer
+        return self._fwd_flops(s.client, rows, cut, seq_len) + self._fwd_flops(s.server, rows, s.num_layers - cut,
+                                                                               seq_len)
 
     def _send_adapters(self, src: str, dst: str, step: int, state: Dict[str, torch.Tensor]) -> int:
         packet = pack_tensors(state)

@@ -12,7 +12,7 @@ import torch
 
 from ..adapters import adapter_state, lora_plan, whole_model_names, whole_model_with_adapters
 from ..timemodel import train_flops
-from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
+from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded
 
 
 class Centralized(Strategy):
@@ -29,10 +29,6 @@ class Centralized(Strategy):
         self.model = whole_model_with_adapters(setup.base_model, self.plans, initial, device=self.device)
         self.model.config.use_cache = False
         self.side = Side([self.model], self.cfg.train)
-        s = setup
-        batch = self.cfg.train.batch_size
-        self._fwd_per_client = (self._fwd_flops(s.client, batch, self.cfg.model.cut_layer)
-                                + self._fwd_flops(s.server, batch, s.num_layers - self.cfg.model.cut_layer))
 
     def _logits(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -42,11 +38,13 @@ class Centralized(Strategy):
         with timer:
             self.side.zero_grad()
             batches = [self._batch(c) for c in range(self.num_clients)]
-            batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+            pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}  # -100: no loss on padding
+            batch = {k: concat_right_padded([b[k] for b in batches], pad.get(k, 0)) for k in batches[0]}
             loss = causal_lm_loss(self._logits(batch["input_ids"], batch["attention_mask"]), batch["labels"])
             loss.backward()
             self.side.step()
-        sim = self.time_model.server_compute(train_flops(self._fwd_per_client * self.num_clients))
+        # Every client's batch at once, padded to the longest of them.
+        sim = self.time_model.server_compute(train_flops(self._whole_model_flops(*batch["input_ids"].shape)))
         return StepResult(loss=float(loss.detach()), server_compute_s=timer.elapsed, sim_time_s=sim)
 
     def logits_fn(self):

@@ -253,21 +253,22 @@ class FedCyBGD(Strategy):
         self._active_round = r
 
     # -- flops --------------------------------------------------------------------------------------------
-    def _flops(self, blocks: Sequence[int], batch: int) -> float:
-        """One training step of a client that trains `blocks` (see the module docstring)."""
-        if batch not in self._part_flops:
+    def _flops(self, blocks: Sequence[int], batch: int, seq_len: int) -> float:
+        """One training step of a client that trains `blocks` on batch x seq_len tokens (see the
+        module docstring)."""
+        if (batch, seq_len) not in self._part_flops:
             from ..split import _architecture_of
 
             arch = _architecture_of(self.model)
             s = self.setup
             layers = getattr(getattr(self.model, arch.backbone), arch.layers)
-            tokens = batch * s.seq_len
+            tokens = batch * seq_len
             head = getattr(self.model, arch.head)
             # Parts from input to output: embeddings (a lookup), the decoder layers, the head.
-            parts = [0.0] + [forward_flops(layer, batch, s.seq_len, 1, s.hidden_size) for layer in layers]
+            parts = [0.0] + [forward_flops(layer, batch, seq_len, 1, s.hidden_size) for layer in layers]
             parts.append(2.0 * tokens * head.weight.numel())
-            self._part_flops[batch] = parts
-        parts = self._part_flops[batch]
+            self._part_flops[(batch, seq_len)] = parts
+        parts = self._part_flops[(batch, seq_len)]
         part_of = {}
         for b in blocks:
             name = self.blocks[b].name
@@ -316,7 +317,7 @@ class FedCyBGD(Strategy):
                 work.optimizer.step()
                 work.scheduler.step()
             losses.append(loss.detach())
-            sims.append(self.time_model.client_compute(self._flops(work.blocks, batch["input_ids"].shape[0])))
+            sims.append(self.time_model.client_compute(self._flops(work.blocks, *batch["input_ids"].shape)))
         self._last_memory = [self._client_memory(w) for w in self._active]
         full = self.full_model_memory()
         extra = {

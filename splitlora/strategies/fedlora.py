@@ -35,13 +35,10 @@ class FedLoRA(Strategy):
         template = _WholeModel(setup.client, setup.server)
         self.models = [clone_sharing_frozen(template) for _ in range(self.num_clients)]
         self.sides = [Side([m], self.cfg.train) for m in self.models]
-        s = setup
-        self._fwd = (self._fwd_flops(s.client, self.cfg.train.batch_size, self.cfg.model.cut_layer)
-                     + self._fwd_flops(s.server, self.cfg.train.batch_size, s.num_layers - self.cfg.model.cut_layer))
 
     def train_step(self, step: int) -> StepResult:
         timer = Timer(self.device)
-        losses = []
+        losses, sims = [], []
         for model, side, c in zip(self.models, self.sides, range(self.num_clients)):
             with timer:
                 side.zero_grad()
@@ -50,8 +47,9 @@ class FedLoRA(Strategy):
                 loss.backward()
                 side.step()
             losses.append(loss.detach())
-        # Clients train in parallel, each the whole model on its own device.
-        sim = self.time_model.client_compute(train_flops(self._fwd))
+            sims.append(self.time_model.client_compute(train_flops(self._whole_model_flops(*batch["input_ids"].shape))))
+        # Clients train in parallel, each the whole model on its own device: the slowest sets the time.
+        sim = max(sims)
         return StepResult(loss=float(torch.stack(losses).mean()), client_compute_s=timer.elapsed, sim_time_s=sim)
 
     def end_round(self, step: int) -> float:

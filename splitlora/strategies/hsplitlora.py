@@ -88,7 +88,7 @@ from ..memory import SavedActivationMeter
 from ..timemodel import count_params, forward_flops, train_flops
 from ..transport import SERVER, client_name
 from ..wire import pack_tensors
-from .base import Side, StepResult, causal_lm_loss
+from .base import Side, StepResult, causal_lm_loss, concat_right_padded
 from .splitfed import _SplitBase, client_parts
 
 logger = logging.getLogger(__name__)
@@ -388,9 +388,9 @@ class HSplitLoRA(_SplitBase):
 
     def _client_forward(self, c: int, step: int):
         # Measure what the client's forward keeps for its backward: the memory term the planner
-        # estimates (its parameters, frozen and adapters, are left out). Batches have one shape
-        # (padded), so the figure changes only with the client's cut and ranks: measured once per
-        # configuration, not on every step.
+        # estimates (its parameters, frozen and adapters, are left out). Measured once per
+        # configuration (cut and ranks), on its first batch, not on every step: with data.pad_to=batch
+        # that batch's length, shorter than the planner's (the training set's longest), also counts.
         plan = self.plans[c]
         config = (plan.cut_layer, tuple(sorted(plan.ranks.items())))
         if self._measured_at.get(c) == config:
@@ -417,8 +417,8 @@ class HSplitLoRA(_SplitBase):
                 # c-th group of every MultiLoRALinear (one launch for all of them).
                 idx = sorted(by_cut[cut], key=lambda i: group[i])
                 sizes = [received[i].shape[0] for i in idx]
-                h = torch.cat([received[i] for i in idx]).requires_grad_(True)
-                mask = torch.cat([metas[i]["attention_mask"] for i in idx])
+                h = concat_right_padded([received[i] for i in idx]).requires_grad_(True)
+                mask = concat_right_padded([metas[i]["attention_mask"] for i in idx])
                 if self._multi:
                     per_client = [0] * self.num_clients
                     for i, n in zip(idx, sizes):
@@ -428,15 +428,18 @@ class HSplitLoRA(_SplitBase):
                 else:
                     out = self._views[cut](h, mask)
                 for i, logits in zip(idx, out.split(sizes)):
-                    losses[i] = causal_lm_loss(logits, metas[i]["labels"])
+                    labels = metas[i]["labels"]
+                    losses[i] = causal_lm_loss(logits[:, :labels.shape[1]], labels)
                 inputs.append((h, idx, sizes))
             torch.stack(losses).mean().backward()
             self.server_side.step()
             grads = {}
             for h, idx, sizes in inputs:
                 for i, g in zip(idx, (h.grad * n_group).split(sizes)):
-                    grads[group[i]] = self.encoder.submit(self.grad_down[group[i]], g)
+                    grads[group[i]] = self.encoder.submit(self.grad_down[group[i]], g[:, :received[i].shape[1]])
         self._group_sizes = {cut: sum(received[i].shape[0] for i in idx) for cut, idx in by_cut.items()}
+        self._group_lengths = {cut: max(received[i].shape[1] for i in idx) for cut, idx in by_cut.items()}
+        self._step_lengths = [r.shape[1] for r in received]
         return [l.detach() for l in losses], [r.shape[0] for r in received], grads
 
     def _client_finish(self, c: int, step: int, packet) -> None:
@@ -447,11 +450,11 @@ class HSplitLoRA(_SplitBase):
             self._trackers[c].observe(lora_modules(self.parts[c]))
             self.client_sides[c].step()
 
-    def _server_flops(self, cut: int, batch: int) -> float:
-        key = ("server-from", cut, batch)
+    def _server_flops(self, cut: int, batch: int, seq_len: int) -> float:
+        key = ("server-from", cut, batch, seq_len)
         if key not in self._flops_cache:
             s = self.setup
-            self._flops_cache[key] = forward_flops(self._views[cut], batch, s.seq_len, s.num_layers - cut,
+            self._flops_cache[key] = forward_flops(self._views[cut], batch, seq_len, s.num_layers - cut,
                                                    s.hidden_size)
         return self._flops_cache[key]
 
@@ -459,11 +462,12 @@ class HSplitLoRA(_SplitBase):
         """As SplitLoRA's, each client on its own device and link at its cut and ranks; the server
         runs its cut groups one after another."""
         tm = self.time_model
-        head = {c: self.devices[c].compute(self._costs[self.plans[c].cut_layer].forward_flops(self.plans[c].ranks,
-                                                                                              batch))
+        length = dict(zip(group, self._step_lengths))
+        head = {c: self.devices[c].compute(self._costs[self.plans[c].cut_layer].forward_flops(
+                    self.plans[c].ranks, batch, seq_len=length[c]))
                 for c in group}
         phase_up = max(head[c] + self.devices[c].transfer(self._up_bytes[c]) for c in group)
-        middle = sum(tm.server_compute(train_flops(self._server_flops(cut, size)))
+        middle = sum(tm.server_compute(train_flops(self._server_flops(cut, size, self._group_lengths[cut])))
                      for cut, size in self._group_sizes.items())
         phase_down = max(self.devices[c].transfer(grad_bytes[c]) + head[c] for c in group)
         return phase_up + middle + phase_down
@@ -792,6 +796,10 @@ class HSplitLoRA(_SplitBase):
             # Per-client server adapters, {module: [(A, B) per client]} (their ranks follow the plans).
             "server_per_client": {name: [(a.detach().clone(), b.detach().clone())
                                          for a, b in zip(m.lora_A, m.lora_B)] for name, m in self._multi.items()},
+            # Measured once per configuration, on that configuration's first batch: a resumed run
+            # reports the same figures rather than a measurement at another batch length.
+            "activation_bytes": {c: {"bytes": self._activation_bytes[c], "cut": self._measured_at[c][0],
+                                     "ranks": dict(self._measured_at[c][1])} for c in self._activation_bytes},
         }
         return state
 
@@ -813,6 +821,10 @@ class HSplitLoRA(_SplitBase):
         self.rounds_done = int(h["rounds_done"])
         self.reconfigurations = int(h["reconfigurations"])
         self.last_change = None if h["last_change"] is None else float(h["last_change"])
+        self._activation_bytes, self._measured_at = {}, {}
+        for c, m in h.get("activation_bytes", {}).items():
+            self._activation_bytes[int(c)] = int(m["bytes"])
+            self._measured_at[int(c)] = (int(m["cut"]), tuple(sorted((str(k), int(v)) for k, v in m["ranks"].items())))
         if self._multi:
             # Ranks first (a new server optimizer over the new tensors), then the values; the
             # optimizer state loads below.

@@ -24,7 +24,7 @@ from ..aggregate import fedavg
 from ..timemodel import train_flops
 from ..transport import SERVER, TransportError, client_name
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
-from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
+from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded
 
 
 def client_parts(head: nn.Module, tail: Optional[nn.Module]) -> nn.ModuleDict:
@@ -57,18 +57,18 @@ class _SplitBase(Strategy):
         self._flops_cache: Dict[tuple, float] = {}
 
     # -- flops ------------------------------------------------------------------------------------
-    def _flops(self, what: str, batch: int) -> float:
-        key = (what, batch)
+    def _flops(self, what: str, batch: int, seq_len: int) -> float:
+        key = (what, batch, seq_len)
         if key not in self._flops_cache:
             s = self.setup
             cut = self.cfg.model.cut_layer
             end = self.cfg.model.server_end if self.u_shape else s.num_layers
             if what == "head":
-                f = self._fwd_flops(s.client, batch, cut)
+                f = self._fwd_flops(s.client, batch, cut, seq_len)
             elif what == "tail":
-                f = self._fwd_flops(s.tail, batch, s.num_layers - end)
+                f = self._fwd_flops(s.tail, batch, s.num_layers - end, seq_len)
             else:
-                f = self._fwd_flops(s.server, batch, end - cut)
+                f = self._fwd_flops(s.server, batch, end - cut, seq_len)
             self._flops_cache[key] = f
         return self._flops_cache[key]
 
@@ -128,8 +128,10 @@ class _SplitBase(Strategy):
         which collect the clients' gradients, rows per client, server output)."""
         self.server_side.zero_grad()
         sizes = [r.shape[0] for r in received]
-        h_all = torch.cat(received).requires_grad_(True)
-        return h_all, sizes, self.server(h_all, torch.cat([m["attention_mask"] for m in metas]))
+        self._step_lengths = [r.shape[1] for r in received]  # per client of the group, for the time model
+        # Clients' batches may differ in length (data.pad_to=batch): padded here, not on the wire.
+        h_all = concat_right_padded(received).requires_grad_(True)
+        return h_all, sizes, self.server(h_all, concat_right_padded([m["attention_mask"] for m in metas]))
 
     def _server_compute(self, step: int, group: Sequence[int], received, metas):
         """Plain variant: one forward/backward over all clients' activations, one optimizer step;
@@ -137,11 +139,13 @@ class _SplitBase(Strategy):
         n_group = len(group)
         with self.rng(SERVER), self._server_timer:
             h_all, sizes, out = self._server_forward(received, metas)
-            losses = [causal_lm_loss(lg, m["labels"]) for lg, m in zip(out.split(sizes), metas)]
+            # Each client's logits at its own length (the rest is the server's padding).
+            losses = [causal_lm_loss(lg[:, :m["labels"].shape[1]], m["labels"])
+                      for lg, m in zip(out.split(sizes), metas)]
             torch.stack(losses).mean().backward()
             self.server_side.step()
-            grads = {c: self.encoder.submit(self.grad_down[c], g)
-                     for c, g in zip(group, (h_all.grad * n_group).split(sizes))}
+            grads = {c: self.encoder.submit(self.grad_down[c], g[:, :r.shape[1]])
+                     for c, g, r in zip(group, (h_all.grad * n_group).split(sizes), received)}
         return [l.detach() for l in losses], sizes, grads
 
     def _send_down(self, c: int, step: int, future) -> int:
@@ -167,14 +171,17 @@ class _SplitBase(Strategy):
         batch, gradients come down and clients finish in parallel (input-gradient backward ~ one
         forward). The U-shape adds the clients' tails between the server's forward and backward."""
         tm = self.time_model
-        head_fwd = tm.client_compute(self._flops("head", batch))
-        phase_up = max(head_fwd + tm.transfer(self._up_bytes[c]) for c in group)
+        # Each client at its batch's length; the server over the group padded to the longest.
+        length = dict(zip(group, self._step_lengths))
+        head_fwd = {c: tm.client_compute(self._flops("head", batch, length[c])) for c in group}
+        phase_up = max(head_fwd[c] + tm.transfer(self._up_bytes[c]) for c in group)
+        longest = max(length.values())
         if tail_sim:
-            server_fwd = tm.server_compute(self._flops("server", server_batch))
+            server_fwd = tm.server_compute(self._flops("server", server_batch, longest))
             middle = server_fwd + max(tail_sim.values()) + server_fwd
         else:
-            middle = tm.server_compute(train_flops(self._flops("server", server_batch)))
-        phase_down = max(tm.transfer(grad_bytes[c]) + head_fwd for c in group)
+            middle = tm.server_compute(train_flops(self._flops("server", server_batch, longest)))
+        phase_down = max(tm.transfer(grad_bytes[c]) + head_fwd[c] for c in group)
         return phase_up + middle + phase_down
 
     # -- one exchange across the cut, every party in this process -------------------------------------
@@ -211,8 +218,8 @@ class _SplitBase(Strategy):
         with self.rng(SERVER), self._server_timer:
             h_all, sizes, out = self._server_forward(received, metas)
             down = {}
-            for c, o in zip(group, out.split(sizes)):
-                packet = self.act_down[c].encode(o.detach())
+            for c, o, r in zip(group, out.split(sizes), received):
+                packet = self.act_down[c].encode(o[:, :r.shape[1]].detach())
                 transport.send(SERVER, client_name(c), "activations", step, packet)
                 down[c] = packet.numel()
         losses, tail_sim = [], {}
@@ -227,15 +234,16 @@ class _SplitBase(Strategy):
                 packet = self.grad_up[c].encode(a.grad)
             transport.send(name, SERVER, "gradients", step, packet)
             losses.append(loss.detach())
-            tail_sim[c] = (tm.transfer(down[c]) + tm.client_compute(train_flops(self._flops("tail", sizes[0])))
+            tail_flops = self._flops("tail", sizes[0], self._step_lengths[group.index(c)])
+            tail_sim[c] = (tm.transfer(down[c]) + tm.client_compute(train_flops(tail_flops))
                            + tm.transfer(packet.numel()))
         with self.rng(SERVER), self._server_timer:
             grads = [self._decode_from(c, step, "gradients", lambda c=c: self.grad_up[c].decode(
                 transport.recv(SERVER, client_name(c), "gradients", step), out.dtype, self.device)) for c in group]
-            out.backward(torch.cat(grads) / n_group)
+            out.backward(concat_right_padded(grads) / n_group)
             self.server_side.step()
-            futures = {c: self.encoder.submit(self.grad_down[c], g)
-                       for c, g in zip(group, (h_all.grad * n_group).split(sizes))}
+            futures = {c: self.encoder.submit(self.grad_down[c], g[:, :r.shape[1]])
+                       for c, g, r in zip(group, (h_all.grad * n_group).split(sizes), received)}
         return losses, sizes, futures, tail_sim
 
     # -- evaluation and export ------------------------------------------------------------------------

@@ -103,6 +103,30 @@ def test_error_feedback_reset_and_shape_change():
     assert torch.equal(ef.compress(y, 8), codec.compress(y, 8))
 
 
+def test_error_feedback_with_a_variable_dimension():
+    """variable_dim=1 (sequences of varying length): each compress adds the leading slice of the
+    residual and leaves there what the receiver missed; the rest of the residual waits unchanged;
+    any other shape change is still an error."""
+    ef = codec.ErrorFeedback(variable_dim=1)
+    long = activations((2, 6, 32), torch.float32, seed=3)
+    ef.compress(long, 4)
+    before = ef.residual.clone()
+    short = activations((2, 4, 32), torch.float32, seed=4)
+    packet = ef.compress(short, 4)
+    expected = short + before[:, :4]
+    torch.testing.assert_close(codec.decompress(packet) + ef.residual[:, :4], expected, rtol=0, atol=1e-6)
+    assert torch.equal(ef.residual[:, 4:], before[:, 4:])
+    # A longer tensor grows the residual with zeros: its new positions start without feedback.
+    longer = activations((2, 8, 32), torch.float32, seed=5)
+    kept = ef.residual.clone()
+    packet = ef.compress(longer, 4)
+    assert ef.residual.shape == (2, 8, 32)
+    corrected = longer + torch.cat([kept, torch.zeros(2, 2, 32)], dim=1)
+    torch.testing.assert_close(codec.decompress(packet) + ef.residual, corrected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="dimension 1 only"):
+        ef.compress(activations((3, 8, 32), torch.float32), 4)
+
+
 def test_error_feedback_rejects_bad_state():
     ef = codec.ErrorFeedback()
     with pytest.raises(ValueError, match="residual"):

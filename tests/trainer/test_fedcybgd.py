@@ -145,7 +145,7 @@ def test_memory_is_one_block_against_the_full_model(tmp_path):
         assert block_bytes < entry["last_round_up_bytes"] < block_bytes + 4096  # plus the packet header
         assert entry["last_round_up_bytes"] < whole / 2
     # Time model: training the lowest layer costs a backward through everything above it.
-    assert strategy._flops([0], 4) > strategy._flops([2], 4) > 0
+    assert strategy._flops([0], 4, 16) > strategy._flops([2], 4, 16) > 0
 
 
 def test_clients_training_the_same_block_are_averaged(tmp_path):

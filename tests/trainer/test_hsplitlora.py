@@ -456,7 +456,7 @@ def test_per_client_server_adapters_run_in_one_launch_and_fold_exactly(tmp_path,
     from splitlora_kernels.multi_layer import MultiLoRALinear
 
     built, strategy = _start(tiny_config(tmp_path, "strategy=hsplitlora", "train.clients=3", "lora.client.r=4",
-                                         "hsplitlora.server_adapters=per_client", *CUTS))
+                                         "hsplitlora.server_adapters=per_client", "data.pad_to=dataset", *CUTS))
     assert [p.cut_layer for p in strategy.plans] == [2, 1, 1]
     multis = {n: m for n, m in strategy.server.named_modules() if isinstance(m, MultiLoRALinear)}
     assert set(multis) == {"h.1.attn.c_attn", "h.2.attn.c_attn", "lm_head"}

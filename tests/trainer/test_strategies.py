@@ -69,7 +69,9 @@ def test_fedavg_round_makes_clients_equal_and_is_weighted_mean(tmp_path):
 def test_accounting_matches_codec_packet_sizes(tmp_path):
     from splitlora.codec import packed_size
 
-    cfg = tiny_config(tmp_path, "codec.bits=4", "codec.group_size=32", "train.aggregate_every=100")
+    # Fixed shapes (every batch padded to the training set's longest): one packet size.
+    cfg = tiny_config(tmp_path, "codec.bits=4", "codec.group_size=32", "train.aggregate_every=100",
+                      "data.pad_to=dataset")
     built, strategy, _ = _run_steps(cfg, 2)
     s = built.setup
     hidden = 32
@@ -287,6 +289,40 @@ def test_client_processes_keep_the_server_layers_off_their_device():
     assert segments_on_device(client, server, tail, "client0") == [client, tail]
     assert segments_on_device(client, server, None, "server") == [client, server]
     assert segments_on_device(client, server, tail, None) == [client, server, tail]
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("splitlora", []), ("centralized", []), ("fedlora", []), ("sl", []),
+    ("splitlora", ["train.u_shape=true", "model.server_end=2"]), ("hsplitlora", []),
+])
+def test_batches_padded_to_their_own_length_train_the_same(tmp_path, strategy, extra):
+    """data.pad_to=batch (each batch as long as its longest sequence; the server pads a group of
+    clients to the longest of them) computes what data.pad_to=dataset does: right padding under
+    causal attention changes no real position. It sends fewer bytes and counts fewer flops."""
+    no_dropout = ["model.config.resid_pdrop=0", "model.config.embd_pdrop=0", "model.config.attn_pdrop=0"]
+    results = {}
+    for pad in ("batch", "dataset"):
+        cfg = tiny_config(tmp_path, f"strategy={strategy}", "codec.bits=32", f"data.pad_to={pad}", *no_dropout,
+                          *extra, name=pad)
+        built = build(cfg, log=lambda *_: None)
+        strat = make_strategy(built.setup)
+        losses, sims = [], []
+        for step in range(4):
+            built.setup.transport.set_round(step // cfg.train.aggregate_every)
+            r = strat.train_step(step)
+            losses.append(r.loss)
+            sims.append(r.sim_time_s)
+            if strat.aggregates and (step + 1) % cfg.train.aggregate_every == 0:
+                strat.end_round(step)
+        results[pad] = (losses, sims, built.setup.transport.ledger.total(kind="activations"),
+                        strat.export_state()[1] if strategy != "hsplitlora" else {})
+    (l_b, s_b, bytes_b, st_b), (l_d, s_d, bytes_d, st_d) = results["batch"], results["dataset"]
+    assert l_b == pytest.approx(l_d, rel=1e-5, abs=1e-6)
+    for k in st_d:
+        torch.testing.assert_close(st_b[k], st_d[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert sum(s_b) < sum(s_d)
+    if strategy not in ("centralized", "fedlora"):
+        assert 0 < bytes_b < bytes_d
 
 
 def test_sl_hands_adapters_from_client_to_client(tmp_path):
