@@ -15,6 +15,15 @@ python -m bench.bench_trainer --device cuda --out "$OUT" 2>&1 | tail -12
 # The Llama-7B shape: server segment of 30 layers at d 4096, its MFU (two 13 GB server copies: fused, PEFT).
 timeout 300 python -m bench.bench_trainer --device cuda --model llama-7b --repeats 5 --out "$OUT" 2>&1 | tail -16
 python -m splitlora train --no-progress device=cuda output_dir="$OUT/run" train.steps=100 2>&1 | tail -6 | tee "$OUT/train.txt"
-# transport=dist with NCCL: one server and two clients as processes on this machine's GPU(s).
-timeout 120 torchrun --standalone --nproc-per-node 3 -m splitlora train --no-progress device=cuda transport=dist \
-  output_dir="$OUT/nccl" train.clients=2 train.steps=40 eval.generate=false 2>&1 | tail -8 | tee "$OUT/nccl.txt"
+# transport=dist: one server and two clients as processes on this machine's GPU (NCCL refuses
+# several ranks on one GPU, so the parties exchange through host memory over gloo), then the same
+# run in one process: steps per second of both, for bench/RESULTS.md.
+timeout 150 torchrun --standalone --nproc-per-node 3 -m splitlora train --no-progress device=cuda transport=dist \
+  output_dir="$OUT/dist" train.clients=2 train.steps=60 eval.generate=false 2>&1 | tail -8 | tee "$OUT/dist.txt"
+timeout 120 python -m splitlora train --no-progress device=cuda output_dir="$OUT/local" train.clients=2 \
+  train.steps=60 eval.generate=false 2>&1 | tail -3
+for run in dist local; do
+  python -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[2], s['steps'], 'steps in', \
+round(s['wall_time_s'], 2), 's:', round(s['steps'] / s['wall_time_s'], 2), 'steps/s; bytes', s['bytes_total'])" \
+    "$OUT/$run/summary.json" "$run" 2>&1 | tee -a "$OUT/dist.txt"
+done

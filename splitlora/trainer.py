@@ -153,10 +153,15 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     torch.manual_seed(cfg.seed + 2)  # the training stream (dropout) starts from here
 
     net = cfg.network
+    hidden_size = model.config.hidden_size
+    if role is not None and role.startswith("client"):
+        # A client process runs its segments only (the server exports and evaluates): it lets the
+        # whole model go: one copy of the weights fewer in its host memory.
+        model = None
     setup = TrainSetup(
         cfg=cfg, device=device, base_model=model, client=client, server=server, tail=tail, loaders=loaders,
         client_weights=[float(len(s)) for s in shards], seq_len=train_data.seq_len, num_layers=num_layers,
-        hidden_size=model.config.hidden_size,
+        hidden_size=hidden_size,
         transport=make_transport(cfg.transport if role is not None else "local", timeout_s=net.timeout_s),
         time_model=TimeModel(net.client_tflops, net.server_tflops, net.bandwidth_mbps, net.latency_ms),
         role=role,

@@ -24,7 +24,9 @@ class TrainSetup:
 
     cfg: object                      # splitlora.config.RunConfig
     device: torch.device
-    base_model: nn.Module            # the whole model without adapters (for export and centralized)
+    # The whole model without adapters (for export, evaluation and centralized), in host memory;
+    # None in a client process (transport=dist), which never runs or exports the whole model.
+    base_model: Optional[nn.Module]
     client: nn.Module                # ClientSegment with the initial client adapters
     server: nn.Module                # ServerSegment with the initial server adapters
     tail: Optional[nn.Module]        # ClientTail (U-shape) with client adapters, else None

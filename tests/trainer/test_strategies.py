@@ -291,6 +291,12 @@ def test_client_processes_keep_the_server_layers_off_their_device():
     assert segments_on_device(client, server, tail, None) == [client, server, tail]
 
 
+def test_a_client_process_lets_the_whole_model_go(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert build(cfg, log=lambda *_: None, role="client1").setup.base_model is None
+    assert build(cfg, log=lambda *_: None, role="server").setup.base_model is not None
+
+
 @pytest.mark.parametrize("strategy, extra", [
     ("splitlora", []), ("centralized", []), ("fedlora", []), ("sl", []),
     ("splitlora", ["train.u_shape=true", "model.server_end=2"]), ("hsplitlora", []),
