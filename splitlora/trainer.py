@@ -74,9 +74,9 @@ def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
 
 def segments_on_device(client, server, tail, role: Optional[str]) -> list:
     """The segments a process runs on its device. A client process (transport=dist, role
-    clientN) never runs the server's layers: its copy of them stays in host memory, so a weak
-    client's accelerator holds its bottom layers only. The server process and a one-process run
-    use every segment (the server evaluates through the clients' parts)."""
+    clientN) never runs the server's layers (build() drops their weights), so a weak client's
+    accelerator holds its bottom layers only. The server process and a one-process run use every
+    segment (the server evaluates through the clients' parts)."""
     if role is not None and role.startswith("client"):
         return [s for s in (client, tail) if s is not None]
     return [s for s in (client, server, tail) if s is not None]
@@ -150,6 +150,10 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
     for seg in segments_on_device(client, server, tail, role):
         seg.to(device)
+    if role is not None and role.startswith("client"):
+        # A client process never runs the server's layers: their weights go (the meta device keeps
+        # shapes and dtypes only), so a client holds its own part of the model and nothing more.
+        server.to("meta")
     torch.manual_seed(cfg.seed + 2)  # the training stream (dropout) starts from here
 
     net = cfg.network

@@ -72,6 +72,10 @@ class _SplitBase(Strategy):
             self._flops_cache[key] = f
         return self._flops_cache[key]
 
+    @property
+    def _is_client_process(self) -> bool:
+        return self.role is not None and self.role != SERVER
+
     def _server_updates_per_step(self) -> int:
         """How often the server's optimizer updates per global step (its schedule counts global steps)."""
         return 1
@@ -287,22 +291,25 @@ class _SplitBase(Strategy):
     def state_dict(self) -> dict:
         streams = {name: [s.state_dict() for s in getattr(self, name)]
                    for name in ("act_up", "grad_down", "act_down", "grad_up")}
-        return {
+        state = {
             "clients": [adapter_state(p) for p in self._unique_parts],
             "client_sides": [s.state_dict() for s in self.client_sides],
-            "server": adapter_state(self.server),
-            "server_side": self.server_side.state_dict(),
             "streams": streams,
             "party_rng": self.rng.state_dict(),
         }
+        if not self._is_client_process:  # a client process holds no server weights (trainer.build)
+            state["server"] = adapter_state(self.server)
+            state["server_side"] = self.server_side.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for p, s in zip(self._unique_parts, state["clients"]):
             load_adapter_state(p, s)
         for side, s in zip(self.client_sides, state["client_sides"]):
             side.load_state_dict(s)
-        load_adapter_state(self.server, state["server"])
-        self.server_side.load_state_dict(state["server_side"])
+        if not self._is_client_process:
+            load_adapter_state(self.server, state["server"])
+            self.server_side.load_state_dict(state["server_side"])
         self.rng.load_state_dict(state["party_rng"])
         for name, states in state["streams"].items():
             for stream, s in zip(getattr(self, name), states):

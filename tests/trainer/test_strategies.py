@@ -293,7 +293,11 @@ def test_client_processes_keep_the_server_layers_off_their_device():
 
 def test_a_client_process_lets_the_whole_model_go(tmp_path):
     cfg = tiny_config(tmp_path)
-    assert build(cfg, log=lambda *_: None, role="client1").setup.base_model is None
+    client = build(cfg, log=lambda *_: None, role="client1").setup
+    assert client.base_model is None
+    # ...and the server's layers: shapes and dtypes only (meta tensors), no weights.
+    assert all(p.is_meta for p in client.server.parameters())
+    assert not any(p.is_meta for p in client.client.parameters())
     assert build(cfg, log=lambda *_: None, role="server").setup.base_model is not None
 
 
