@@ -28,7 +28,6 @@ import argparse
 import importlib
 import csv
 import datetime
-import math
 import platform
 import statistics
 import time

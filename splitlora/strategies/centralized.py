@@ -8,8 +8,6 @@ compression equals centralized LoRA" a meaningful test.
 """
 from __future__ import annotations
 
-import torch
-
 from ..adapters import adapter_state, lora_plan, whole_model_names, whole_model_with_adapters
 from ..timemodel import train_flops
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded

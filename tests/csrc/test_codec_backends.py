@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codec_testutil import CODEC_MODE_IDS, CODEC_MODES, DTYPES, QUANT_BITS, activations, has_cpp_cpu
+from codec_testutil import CODEC_MODE_IDS, CODEC_MODES, DTYPES, activations, has_cpp_cpu
 from splitlora import codec, codec_reference
 
 needs_cpp = pytest.mark.skipif(not has_cpp_cpu(), reason="splitlora._C is not built: no C++ CPU kernels to compare")
