@@ -416,7 +416,42 @@ def tables(rows: list, target: float) -> str:
         ratio = f"{r['cut_ratio']:.2f}x" if r["cut_ratio"] else "-"
         out.append(f"| {r['name']} | {fmt_bytes(b['cut_up'])} | {fmt_bytes(b['cut_down'])} | {ratio} "
                    f"| {fmt_bytes(b['up'])} | {fmt_bytes(b['down'])} | {fmt_bytes(b['adapters'])} | {params} | {mem} |")
-    return "\n".join(out)
+    return "\n".join(out + memory_per_side_table(rows))
+
+
+def _side_cells(side) -> list:
+    if side is None:
+        return ["-"] * 4
+    return [fmt_bytes(side["weights_bytes"]), fmt_bytes(side["gradient_bytes"] + side["optimizer_bytes"]),
+            fmt_bytes(side["activation_bytes"]) if side["activation_bytes"] is not None else "not measured here",
+            f"**{fmt_bytes(side['total_bytes'])}**" if side["total_bytes"] is not None else "-"]
+
+
+def memory_per_side_table(rows: list) -> list:
+    """What one client and the server each hold during a step (splitlora.memory.side_memory)."""
+    recorded = [r for r in rows if r["summary"].get("memory_per_side")]
+    if not recorded:
+        return []
+    out = ["", "Memory per side (`summary.json` memory_per_side): what one device of that side holds during a "
+           "training step: its weights (frozen and adapters), the adapters' gradients and optimizer state "
+           "(counted from the tensors), and the activations its forward saved for the backward (measured, the "
+           "peak over the run's steps). For the clients, the most demanding one. Centralized is one party, listed "
+           "as the server; fedlora's clients each hold the whole model. No allocator overhead, workspace or "
+           "packets in flight.", "",
+           "| run | client weights | client grads + optimizer | client activations | client total | server weights "
+           "| server grads + optimizer | server activations | server total |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = r["summary"].get("memory_per_side")
+        if mem is None:
+            out.append(f"| {r['name']} | " + " | ".join(["-"] * 8) + " |")
+            continue
+        out.append(f"| {r['name']} | " + " | ".join(_side_cells(mem.get("client")) + _side_cells(mem.get("server")))
+                   + " |")
+    missing = [r["name"] for r in rows if not r["summary"].get("memory_per_side")]
+    if missing:
+        out += ["", f"Not reported per side: {', '.join(missing)} (FedCyBGD's per-client memory is in its "
+                "summary's trainable_params; runs recorded before memory_per_side existed have none)."]
+    return out
 
 
 def time_model_note(rows: list) -> list:

@@ -14,6 +14,7 @@ on every device and costs a dictionary update per saved tensor.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
@@ -55,3 +56,60 @@ class SavedActivationMeter:
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
         self._hooks = None
+
+
+class ActivationPeaks:
+    """Per party ("client0", "server", ...), the most bytes one of its forwards saved for the
+    backward. Saved activations grow with the tokens of a batch, so only a forward over more
+    tokens than any of that party's before is measured (`measure`): after the first steps almost
+    none is, and a run with fixed shapes measures once. `state_dict` lets a resumed run keep the
+    peaks of the steps before the stop."""
+
+    def __init__(self) -> None:
+        self.peaks: dict = {}  # party -> (tokens of the measured forward, bytes)
+
+    @contextmanager
+    def measure(self, party: str, tokens: int, exclude: Optional[Iterable[torch.Tensor]] = None):
+        known = self.peaks.get(party)
+        if known is not None and tokens <= known[0]:
+            yield
+            return
+        meter = SavedActivationMeter(exclude=exclude)
+        with meter:
+            yield
+        self.peaks[party] = (tokens, max(meter.bytes, known[1] if known else 0))
+
+    def bytes(self, party: str) -> Optional[int]:
+        known = self.peaks.get(party)
+        return None if known is None else known[1]
+
+    def state_dict(self) -> dict:
+        return {party: [tokens, nbytes] for party, (tokens, nbytes) in self.peaks.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.peaks = {str(party): (int(tokens), int(nbytes)) for party, (tokens, nbytes) in state.items()}
+
+
+def side_memory(modules: Iterable[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer],
+                activation_bytes: Optional[int]) -> dict:
+    """What one party holds during a training step, in bytes: its weights (every parameter of its
+    modules, frozen and trainable, each storage once), the gradients of its trainable parameters,
+    its optimizer's state (the tensors the optimizer keeps, e.g. AdamW's two moments) and the
+    activations its forward saved for the backward (measured, `ActivationPeaks`; None when this
+    process did not run that party's forward). `total_bytes` adds them up (None without the
+    activations)."""
+    storages, grads = {}, 0
+    for module in modules:
+        for p in module.parameters():
+            key, nbytes = _storage_key(p)
+            storages[key] = nbytes
+            if p.requires_grad:
+                grads += p.numel() * p.element_size()
+    state = 0
+    if optimizer is not None:
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+    weights = sum(storages.values())
+    total = None if activation_bytes is None else weights + grads + state + activation_bytes
+    return {"weights_bytes": weights, "gradient_bytes": grads, "optimizer_bytes": state,
+            "activation_bytes": activation_bytes, "total_bytes": total}

@@ -255,6 +255,7 @@ def _state(strategy, built: Built, step: int, totals: dict) -> dict:
         "ledger": s.transport.ledger.state_dict(),
         **({"received": s.transport.received.state_dict()} if hasattr(s.transport, "received") else {}),
         "totals": dict(totals),
+        "activation_peaks": strategy.activation_peaks.state_dict(),
     }
 
 
@@ -267,6 +268,7 @@ def _restore(strategy, built: Built, state: dict) -> dict:
     s.transport.ledger.load_state_dict(state["ledger"])
     if "received" in state and hasattr(s.transport, "received"):
         s.transport.received.load_state_dict(state["received"])
+    strategy.activation_peaks.load_state_dict(state.get("activation_peaks", {}))
     # A checkpoint written before the link parts of the simulated time were kept lacks them: they
     # stay unknown (NaN) for the rest of the run rather than count only the steps after the resume.
     return {**_new_totals(), **dict.fromkeys(SIM_LINK_KEYS, math.nan), **state["totals"]}
@@ -480,6 +482,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
         "bytes_total": ledger.total(),
         **totals,
         "trainable_params": _trainable_params(strategy, setup),
+        "memory_per_side": strategy.memory_per_side(),
         "peak_memory_bytes": peak_memory_bytes(built.device),
         "adapter": str(adapter_dir),
     }

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aggregate import fedavg
+from ..memory import ActivationPeaks
 from ..timemodel import TimeModel, forward_flops
 from ..transport import SERVER, Transport, client_name
 from ..wire import CodecSettings, TensorStream, pack_tensors, unpack_tensors
@@ -223,6 +224,8 @@ class Strategy:
         self.role = setup.role
         self.rng = PartyRNG(self.cfg.seed, [SERVER] + [client_name(c) for c in range(self.num_clients)],
                             in_process=setup.role is None)
+        # Per party, the most bytes one forward saved for the backward (memory_per_side).
+        self.activation_peaks = ActivationPeaks()
         codec_cfg = self.cfg.codec
         self.codec_settings = CodecSettings(codec_cfg.bits, codec_cfg.group_size, codec_cfg.stochastic)
         grad_bits = codec_cfg.bits if codec_cfg.compress_gradients else 32
@@ -277,6 +280,12 @@ class Strategy:
     def end_round(self, step: int) -> float:
         """Called after the last step of every round; returns the simulated seconds it took."""
         return 0.0
+
+    def memory_per_side(self) -> Optional[dict]:
+        """{"client": the most demanding client's, "server": the server's} splitlora.memory.side_memory
+        (None for a side the strategy does not have), or None where the strategy reports its
+        memory otherwise (FedCyBGD's memory_report)."""
+        return None
 
     def logits_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The global model as logits_fn(input_ids, attention_mask), for evaluation."""

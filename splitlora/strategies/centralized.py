@@ -9,7 +9,9 @@ compression equals centralized LoRA" a meaningful test.
 from __future__ import annotations
 
 from ..adapters import adapter_state, lora_plan, whole_model_names, whole_model_with_adapters
+from ..memory import side_memory
 from ..timemodel import train_flops
+from ..transport import SERVER
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded
 
 
@@ -38,7 +40,8 @@ class Centralized(Strategy):
             batches = [self._batch(c) for c in range(self.num_clients)]
             pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}  # -100: no loss on padding
             batch = {k: concat_right_padded([b[k] for b in batches], pad.get(k, 0)) for k in batches[0]}
-            loss = causal_lm_loss(self._logits(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            with self.activation_peaks.measure(SERVER, batch["input_ids"].numel(), exclude=self.model.parameters()):
+                loss = causal_lm_loss(self._logits(batch["input_ids"], batch["attention_mask"]), batch["labels"])
             loss.backward()
             self.side.step()
         # Every client's batch at once, padded to the longest of them.
@@ -47,6 +50,11 @@ class Centralized(Strategy):
 
     def logits_fn(self):
         return self._logits
+
+    def memory_per_side(self) -> dict:
+        """One party (listed as the server: the place that holds all the data) with the whole model."""
+        return {"client": None,
+                "server": side_memory([self.model], self.side.optimizer, self.activation_peaks.bytes(SERVER))}
 
     def export_state(self):
         return self.plans, adapter_state(self.model)

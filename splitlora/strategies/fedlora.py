@@ -9,7 +9,9 @@ from torch import nn
 
 from ..adapters import adapter_state, clone_sharing_frozen, load_adapter_state, lora_plan, whole_model_names
 from ..aggregate import fedavg
+from ..memory import side_memory
 from ..timemodel import train_flops
+from ..transport import client_name
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
 
 
@@ -43,7 +45,9 @@ class FedLoRA(Strategy):
             with timer:
                 side.zero_grad()
                 batch = self._batch(c)
-                loss = causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+                with self.activation_peaks.measure(client_name(c), batch["input_ids"].numel(),
+                                                   exclude=model.parameters()):
+                    loss = causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
                 loss.backward()
                 side.step()
             losses.append(loss.detach())
@@ -51,6 +55,12 @@ class FedLoRA(Strategy):
         # Clients train in parallel, each the whole model on its own device: the slowest sets the time.
         sim = max(sims)
         return StepResult(loss=float(torch.stack(losses).mean()), client_compute_s=timer.elapsed, sim_time_s=sim)
+
+    def memory_per_side(self) -> dict:
+        """Each client holds the whole model: the most demanding client's memory; no server."""
+        clients = [side_memory([m], side.optimizer, self.activation_peaks.bytes(client_name(c)))
+                   for c, (m, side) in enumerate(zip(self.models, self.sides))]
+        return {"client": max(clients, key=lambda m: (m["total_bytes"] or 0, m["weights_bytes"])), "server": None}
 
     def end_round(self, step: int) -> float:
         averaged, sim = self._fedavg_round(step, [adapter_state(m) for m in self.models])

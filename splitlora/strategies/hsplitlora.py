@@ -68,6 +68,7 @@ Not supported: the U-shape, transport=dist.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Dict, List, Optional, Tuple
@@ -386,6 +387,14 @@ class HSplitLoRA(_SplitBase):
         result.extra.update(self._plan_metrics())
         return result
 
+    def _client_meter(self, c: int, tokens: int):
+        # The client's forward is measured below, once per configuration (a meter inside another
+        # would hide what it saves from the outer one).
+        return contextlib.nullcontext()
+
+    def _client_activation_bytes(self, c: int) -> Optional[int]:
+        return self._activation_bytes.get(c)
+
     def _client_forward(self, c: int, step: int):
         # Measure what the client's forward keeps for its backward: the memory term the planner
         # estimates (its parameters, frozen and adapters, are left out). Measured once per
@@ -412,25 +421,26 @@ class HSplitLoRA(_SplitBase):
             self.server_side.zero_grad()
             losses: List[Optional[torch.Tensor]] = [None] * n_group
             inputs = []
-            for cut in sorted(by_cut):
-                # In client order: with per-client server adapters, the rows of client c are the
-                # c-th group of every MultiLoRALinear (one launch for all of them).
-                idx = sorted(by_cut[cut], key=lambda i: group[i])
-                sizes = [received[i].shape[0] for i in idx]
-                h = concat_right_padded([received[i] for i in idx]).requires_grad_(True)
-                mask = concat_right_padded([metas[i]["attention_mask"] for i in idx])
-                if self._multi:
-                    per_client = [0] * self.num_clients
-                    for i, n in zip(idx, sizes):
-                        per_client[group[i]] = n
-                    with adapter_groups(self._views[cut], per_client):
+            with self._server_meter(received):
+                for cut in sorted(by_cut):
+                    # In client order: with per-client server adapters, the rows of client c are the
+                    # c-th group of every MultiLoRALinear (one launch for all of them).
+                    idx = sorted(by_cut[cut], key=lambda i: group[i])
+                    sizes = [received[i].shape[0] for i in idx]
+                    h = concat_right_padded([received[i] for i in idx]).requires_grad_(True)
+                    mask = concat_right_padded([metas[i]["attention_mask"] for i in idx])
+                    if self._multi:
+                        per_client = [0] * self.num_clients
+                        for i, n in zip(idx, sizes):
+                            per_client[group[i]] = n
+                        with adapter_groups(self._views[cut], per_client):
+                            out = self._views[cut](h, mask)
+                    else:
                         out = self._views[cut](h, mask)
-                else:
-                    out = self._views[cut](h, mask)
-                for i, logits in zip(idx, out.split(sizes)):
-                    labels = metas[i]["labels"]
-                    losses[i] = causal_lm_loss(logits[:, :labels.shape[1]], labels)
-                inputs.append((h, idx, sizes))
+                    for i, logits in zip(idx, out.split(sizes)):
+                        labels = metas[i]["labels"]
+                        losses[i] = causal_lm_loss(logits[:, :labels.shape[1]], labels)
+                    inputs.append((h, idx, sizes))
             torch.stack(losses).mean().backward()
             self.server_side.step()
             grads = {}

@@ -21,6 +21,7 @@ from torch import nn
 from ..adapters import (adapter_state, clone_sharing_frozen, load_adapter_state, lora_plan,
                         whole_model_names)
 from ..aggregate import fedavg
+from ..memory import side_memory
 from ..timemodel import train_flops
 from ..transport import SERVER, TransportError, client_name
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
@@ -76,6 +77,29 @@ class _SplitBase(Strategy):
     def _is_client_process(self) -> bool:
         return self.role is not None and self.role != SERVER
 
+    # -- memory per side --------------------------------------------------------------------------
+    def _client_meter(self, c: int, tokens: int):
+        """Measures client c's forward when it may set a new peak (splitlora.memory.ActivationPeaks)."""
+        return self.activation_peaks.measure(client_name(c), tokens, exclude=self.parts[c].parameters())
+
+    def _server_meter(self, received):
+        """Measures the server's forward and loss over the step's batch (its clients padded to the longest)."""
+        tokens = sum(r.shape[0] for r in received) * max(r.shape[1] for r in received)
+        return self.activation_peaks.measure(SERVER, tokens, exclude=self.server.parameters())
+
+    def _client_activation_bytes(self, c: int) -> Optional[int]:
+        return self.activation_peaks.bytes(client_name(c))
+
+    def memory_per_side(self) -> dict:
+        # A real client holds its own copy of its segment: its frozen weights count in full for
+        # each client (here the clients' copies share them). In a dist server process the clients'
+        # forwards ran elsewhere: their activations are unknown here (None).
+        clients = [side_memory([self.parts[c]], self.client_sides[c].optimizer, self._client_activation_bytes(c))
+                   for c in range(self.num_clients)]
+        heaviest = max(clients, key=lambda m: (m["total_bytes"] or 0, m["weights_bytes"]))
+        return {"client": heaviest,
+                "server": side_memory([self.server], self.server_side.optimizer, self.activation_peaks.bytes(SERVER))}
+
     def _server_updates_per_step(self) -> int:
         """How often the server's optimizer updates per global step (its schedule counts global steps)."""
         return 1
@@ -91,7 +115,8 @@ class _SplitBase(Strategy):
         with self.rng(client_name(c)), self._client_timers[c]:
             self.client_sides[c].zero_grad()
             batch = self._batch(c)
-            h = self.parts[c]["head"](batch["input_ids"], batch["attention_mask"])
+            with self._client_meter(c, batch["input_ids"].numel()):
+                h = self.parts[c]["head"](batch["input_ids"], batch["attention_mask"])
             future = self.encoder.submit(self.act_up[c], h.detach())
             meta = {"attention_mask": batch["attention_mask"]}
             if not self.u_shape:
@@ -142,10 +167,11 @@ class _SplitBase(Strategy):
         returns the losses and, per client, the future of its encoded gradient."""
         n_group = len(group)
         with self.rng(SERVER), self._server_timer:
-            h_all, sizes, out = self._server_forward(received, metas)
-            # Each client's logits at its own length (the rest is the server's padding).
-            losses = [causal_lm_loss(lg[:, :m["labels"].shape[1]], m["labels"])
-                      for lg, m in zip(out.split(sizes), metas)]
+            with self._server_meter(received):
+                h_all, sizes, out = self._server_forward(received, metas)
+                # Each client's logits at its own length (the rest is the server's padding).
+                losses = [causal_lm_loss(lg[:, :m["labels"].shape[1]], m["labels"])
+                          for lg, m in zip(out.split(sizes), metas)]
             torch.stack(losses).mean().backward()
             self.server_side.step()
             grads = {c: self.encoder.submit(self.grad_down[c], g[:, :r.shape[1]])
@@ -220,7 +246,8 @@ class _SplitBase(Strategy):
         transport = self.transport
         n_group = len(group)
         with self.rng(SERVER), self._server_timer:
-            h_all, sizes, out = self._server_forward(received, metas)
+            with self._server_meter(received):
+                h_all, sizes, out = self._server_forward(received, metas)
             down = {}
             for c, o, r in zip(group, out.split(sizes), received):
                 packet = self.act_down[c].encode(o[:, :r.shape[1]].detach())

@@ -101,3 +101,18 @@ def test_link_sweep_reprices_time_to_target():
     # and 1 ms on (0.014 s) it is faster.
     assert wins.endswith("before centralized at: 1 Gbit/s, 1 ms, 10 Gbit/s, 0.1 ms, 100 Gbit/s, 0.01 ms, "
                          "free links."), wins
+
+
+def test_memory_per_side_table():
+    side = {"weights_bytes": 2048, "gradient_bytes": 512, "optimizer_bytes": 1024, "activation_bytes": 4096,
+            "total_bytes": 2048 + 512 + 1024 + 4096}
+    dist_server_view = dict(side, activation_bytes=None, total_bytes=None)
+    rows = [{"name": "splitlora", "summary": {"memory_per_side": {"client": dist_server_view, "server": side}}},
+            {"name": "fedcybgd", "summary": {"memory_per_side": None}}]
+    lines = report.memory_per_side_table(rows)
+    split = next(l for l in lines if l.startswith("| splitlora"))
+    cells = [c.strip() for c in split.strip("|").split("|")]
+    assert cells[1:5] == [report.fmt_bytes(2048), report.fmt_bytes(1536), "not measured here", "-"]
+    assert cells[5:] == [report.fmt_bytes(2048), report.fmt_bytes(1536), report.fmt_bytes(4096),
+                         f"**{report.fmt_bytes(7680)}**"]
+    assert any(l.startswith("Not reported per side: fedcybgd") for l in lines)

@@ -335,6 +335,36 @@ def test_batches_padded_to_their_own_length_train_the_same(tmp_path, strategy, e
         assert 0 < bytes_b < bytes_d
 
 
+@pytest.mark.parametrize("strategy", ["splitlora", "sl", "fedlora", "centralized", "hsplitlora"])
+def test_memory_per_side(tmp_path, strategy):
+    """Per side: the weights that side holds, and activations measured on its forward. The
+    server's forward saves at least the log-probabilities of its loss (rows x (T-1) x vocab, fp32)."""
+    cfg = tiny_config(tmp_path, f"strategy={strategy}", "data.pad_to=dataset")
+    built, strat, _ = _run_steps(cfg, 2)
+    mem = strat.memory_per_side()
+    s = built.setup
+    vocab = s.server.config.vocab_size
+    if strategy in ("splitlora", "sl", "hsplitlora"):
+        client_weights = sum(p.numel() * p.element_size() for p in strat.parts[0].parameters())
+        assert mem["client"]["weights_bytes"] == client_weights
+        assert mem["server"]["weights_bytes"] == sum(p.numel() * p.element_size() for p in strat.server.parameters())
+        rows = cfg.train.batch_size * (cfg.train.clients if strategy != "sl" else 1)
+        assert mem["server"]["activation_bytes"] >= rows * (s.seq_len - 1) * vocab * 4
+        assert 0 < mem["client"]["activation_bytes"] < mem["server"]["activation_bytes"]
+    elif strategy == "fedlora":
+        assert mem["server"] is None
+        assert mem["client"]["weights_bytes"] == sum(p.numel() * p.element_size() for p in strat.models[0].parameters())
+        assert mem["client"]["activation_bytes"] >= cfg.train.batch_size * (s.seq_len - 1) * vocab * 4
+    else:
+        assert mem["client"] is None
+        rows = cfg.train.batch_size * cfg.train.clients
+        assert mem["server"]["activation_bytes"] >= rows * (s.seq_len - 1) * vocab * 4
+    for side in (m for m in mem.values() if m is not None):
+        assert side["optimizer_bytes"] >= 2 * side["gradient_bytes"] > 0  # AdamW's two moments
+        assert side["total_bytes"] == sum(side[k] for k in ("weights_bytes", "gradient_bytes", "optimizer_bytes",
+                                                            "activation_bytes"))
+
+
 def test_sl_hands_adapters_from_client_to_client(tmp_path):
     cfg = tiny_config(tmp_path, "strategy=sl", "train.clients=3")
     built, _, _ = _run_steps(cfg, 2)
@@ -359,6 +389,7 @@ def test_resume_equals_uninterrupted(tmp_path):
                     log=lambda *_: None)
     assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
     assert resumed["bytes_total"] == full["bytes_total"]
+    assert resumed["memory_per_side"] == full["memory_per_side"]  # the peaks before the stop are kept
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
