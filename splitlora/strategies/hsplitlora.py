@@ -20,9 +20,9 @@ from its budget and from the importance of the weights (`splitlora.hetero`):
   StepResult.extra (cut, total rank, estimates per client) and in the run summary
   (`memory_report()`).
 - Memory: the planner estimates a client step's memory (`SegmentCost.memory_bytes`); each client
-  also measures, once per configuration, the activations its forward really keeps for the backward
-  (`splitlora.memory.SavedActivationMeter`), reported per step and in `memory_report()` next to
-  the estimate (on GPT-2 shapes the estimate, Korthikanti et al.'s count, is 1.5 to 1.7x the
+  also measures, per configuration, the most its forward really kept for the backward (the peak
+  over its batches, `splitlora.memory.ActivationPeaks`), reported per step and in `memory_report()`
+  next to the estimate (on GPT-2 shapes the estimate, Korthikanti et al.'s count, is 1.5 to 1.7x the
   measurement: conservative).
 - `configuration: weakest` is the baseline that ignores heterogeneity: every client gets the most
   constrained client's cut and ranks (estimates still per device).
@@ -68,7 +68,6 @@ Not supported: the U-shape, transport=dist.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Dict, List, Optional, Tuple
@@ -85,7 +84,6 @@ from ..aggregate import (fold_into_weight, lora_pairs, lora_scalings, reinit_ada
                          zero_pad_fedavg)
 from ..hetero import (GIB, ClientPlan, ImportanceTracker, SegmentCost, client_profiles, combine_importance,
                       configure_clients_with_cuts, low_rank_factors, ranking_change, weakest_plan_for_all)
-from ..memory import SavedActivationMeter
 from ..timemodel import count_params, forward_flops, train_flops
 from ..transport import SERVER, client_name
 from ..wire import pack_tensors
@@ -215,8 +213,6 @@ class HSplitLoRA(_SplitBase):
         self.last_change: Optional[float] = None
         # Per client, the bytes its forward saved for the backward (measured; the planner estimates
         # them with SegmentCost.activation_bytes), and the configuration they were measured at.
-        self._activation_bytes: Dict[int, int] = {}
-        self._measured_at: Dict[int, tuple] = {}
         for c in range(self.num_clients):
             self._restart_adapters(c, self._seed(0))
         self._announce("initial configuration (uniform importance)")
@@ -374,8 +370,9 @@ class HSplitLoRA(_SplitBase):
             out[f"client{c}_est_memory_gib"] = float(p.memory_bytes / GIB)
             out[f"client{c}_fits"] = 1.0 if p.fits else 0.0
             out[f"client{c}_est_activation_bytes"] = float(self._costs[p.cut_layer].activation_bytes(p.ranks))
-            if c in self._activation_bytes:
-                out[f"client{c}_activation_bytes"] = float(self._activation_bytes[c])
+            measured = self._client_activation_bytes(c)
+            if measured is not None:
+                out[f"client{c}_activation_bytes"] = float(measured)
         if self._multi:
             for c, r in enumerate(self._server_ranks(self.plans)):
                 out[f"client{c}_server_rank"] = float(r)
@@ -387,28 +384,18 @@ class HSplitLoRA(_SplitBase):
         result.extra.update(self._plan_metrics())
         return result
 
+    def _client_party(self, c: int) -> str:
+        """Client c under its current configuration: what the client's forward keeps for its backward
+        (the memory term the planner estimates) depends on its cut and ranks, so each configuration
+        has its own measured peak."""
+        p = self.plans[c]
+        return f"{client_name(c)}|cut {p.cut_layer}|" + ",".join(f"{k}={v}" for k, v in sorted(p.ranks.items()))
+
     def _client_meter(self, c: int, tokens: int):
-        # The client's forward is measured below, once per configuration (a meter inside another
-        # would hide what it saves from the outer one).
-        return contextlib.nullcontext()
+        return self.activation_peaks.measure(self._client_party(c), tokens, exclude=self.parts[c].parameters())
 
     def _client_activation_bytes(self, c: int) -> Optional[int]:
-        return self._activation_bytes.get(c)
-
-    def _client_forward(self, c: int, step: int):
-        # Measure what the client's forward keeps for its backward: the memory term the planner
-        # estimates (its parameters, frozen and adapters, are left out). Measured once per
-        # configuration (cut and ranks), on its first batch, not on every step: with data.pad_to=batch
-        # that batch's length, shorter than the planner's (the training set's longest), also counts.
-        plan = self.plans[c]
-        config = (plan.cut_layer, tuple(sorted(plan.ranks.items())))
-        if self._measured_at.get(c) == config:
-            return super()._client_forward(c, step)
-        meter = SavedActivationMeter(exclude=self.parts[c].parameters())
-        with meter:
-            out = super()._client_forward(c, step)
-        self._activation_bytes[c], self._measured_at[c] = meter.bytes, config
-        return out
+        return self.activation_peaks.bytes(self._client_party(c))
 
     def _server_compute(self, step: int, group, received, metas):
         """One forward per cut group (the clients with that cut batched), one backward over the
@@ -775,7 +762,7 @@ class HSplitLoRA(_SplitBase):
                 "trainable_params": self._costs[p.cut_layer].adapter_params(p.ranks),
                 "est_step_s": p.step_time_s, "est_memory_bytes": p.memory_bytes,
                 "est_activation_bytes": self._costs[p.cut_layer].activation_bytes(p.ranks),
-                "measured_activation_bytes": self._activation_bytes.get(p.client),
+                "measured_activation_bytes": self._client_activation_bytes(p.client),
                 "memory_budget_bytes": p.memory_budget_bytes, "step_time_budget_s": p.time_budget_s,
                 "fits": p.fits,
             })
@@ -806,10 +793,6 @@ class HSplitLoRA(_SplitBase):
             # Per-client server adapters, {module: [(A, B) per client]} (their ranks follow the plans).
             "server_per_client": {name: [(a.detach().clone(), b.detach().clone())
                                          for a, b in zip(m.lora_A, m.lora_B)] for name, m in self._multi.items()},
-            # Measured once per configuration, on that configuration's first batch: a resumed run
-            # reports the same figures rather than a measurement at another batch length.
-            "activation_bytes": {c: {"bytes": self._activation_bytes[c], "cut": self._measured_at[c][0],
-                                     "ranks": dict(self._measured_at[c][1])} for c in self._activation_bytes},
         }
         return state
 
@@ -831,10 +814,6 @@ class HSplitLoRA(_SplitBase):
         self.rounds_done = int(h["rounds_done"])
         self.reconfigurations = int(h["reconfigurations"])
         self.last_change = None if h["last_change"] is None else float(h["last_change"])
-        self._activation_bytes, self._measured_at = {}, {}
-        for c, m in h.get("activation_bytes", {}).items():
-            self._activation_bytes[int(c)] = int(m["bytes"])
-            self._measured_at[int(c)] = (int(m["cut"]), tuple(sorted((str(k), int(v)) for k, v in m["ranks"].items())))
         if self._multi:
             # Ranks first (a new server optimizer over the new tensors), then the values; the
             # optimizer state loads below.
