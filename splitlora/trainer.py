@@ -150,22 +150,19 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
     for seg in segments_on_device(client, server, tail, role):
         seg.to(device)
-    if role is not None and role.startswith("client"):
-        # A client process never runs the server's layers: their weights go (the meta device keeps
-        # shapes and dtypes only), so a client holds its own part of the model and nothing more.
+    client_process = role is not None and role.startswith("client")
+    if client_process:
+        # A client process runs neither the server's layers nor the whole model (the server exports
+        # and evaluates): the server's weights go (the meta device keeps shapes and dtypes only) and
+        # so does the whole model, so a client holds its own part of the model and nothing more.
         server.to("meta")
     torch.manual_seed(cfg.seed + 2)  # the training stream (dropout) starts from here
 
     net = cfg.network
-    hidden_size = model.config.hidden_size
-    if role is not None and role.startswith("client"):
-        # A client process runs its segments only (the server exports and evaluates): it lets the
-        # whole model go: one copy of the weights fewer in its host memory.
-        model = None
     setup = TrainSetup(
-        cfg=cfg, device=device, base_model=model, client=client, server=server, tail=tail, loaders=loaders,
-        client_weights=[float(len(s)) for s in shards], seq_len=train_data.seq_len, num_layers=num_layers,
-        hidden_size=hidden_size,
+        cfg=cfg, device=device, base_model=None if client_process else model, client=client, server=server,
+        tail=tail, loaders=loaders, client_weights=[float(len(s)) for s in shards], seq_len=train_data.seq_len,
+        num_layers=num_layers, hidden_size=model.config.hidden_size,
         transport=make_transport(cfg.transport if role is not None else "local", timeout_s=net.timeout_s),
         time_model=TimeModel(net.client_tflops, net.server_tflops, net.bandwidth_mbps, net.latency_ms),
         role=role,
