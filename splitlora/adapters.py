@@ -104,16 +104,6 @@ def clone_sharing_frozen(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 are the same device when cuda means the current one."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or a.index == b.index:
-        return True
-    current = torch.cuda.current_device()
-    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-
-
 def whole_model_names(segment: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Renames a segment's adapter state to the names of the whole (unsplit) model."""
     out = {}
@@ -141,8 +131,9 @@ def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str
     adapters are new, but a 7B model's weights are not held twice. On another device (the
     trainer keeps the base model in host memory, see trainer.build) each weight is copied
     straight to `device`, never to a second host copy; base_model is left where it was."""
-    target = torch.device(device) if device is not None else None
-    if target is None or all(_same_device(p.device, target) for p in base_model.parameters()):
+    # A concrete device ("cuda" becomes "cuda:<current>"), comparable with a parameter's.
+    target = torch.empty(0, device=device).device if device is not None else None
+    if target is None or all(p.device == target for p in base_model.parameters()):
         model = clone_sharing_frozen(base_model)
     else:
         memo = {id(p): nn.Parameter(p.detach().to(target), requires_grad=p.requires_grad)

@@ -113,3 +113,8 @@ def side_memory(modules: Iterable[torch.nn.Module], optimizer: Optional[torch.op
     total = None if activation_bytes is None else weights + grads + state + activation_bytes
     return {"weights_bytes": weights, "gradient_bytes": grads, "optimizer_bytes": state,
             "activation_bytes": activation_bytes, "total_bytes": total}
+
+
+def most_demanding(sides: Iterable[dict]) -> dict:
+    """The side_memory with the largest total (by weights where activations were not measured)."""
+    return max(sides, key=lambda m: (m["total_bytes"] or 0, m["weights_bytes"]))

@@ -47,9 +47,6 @@ class SimTime(float):
         return (f"SimTime({float(self)!r}, messages={self.messages!r}, bits={self.bits!r}, "
                 f"link_seconds={self.link_seconds!r})")
 
-    def __reduce__(self):  # pickling (checkpoints of totals, worker processes) keeps the parts
-        return SimTime, (float(self), self.messages, self.bits, self.link_seconds)
-
     @property
     def compute_seconds(self) -> float:
         return float(self) - self.link_seconds

@@ -27,7 +27,7 @@ from . import config as config_mod
 from .adapters import LoraSpec, add_lora, check_targets_exist, existing_targets, whole_model_with_adapters
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .timemodel import SIM_LINK_KEYS, TimeModel, as_sim_time, count_params, peak_memory_bytes
-from .transport import make_transport
+from .transport import is_client_process, make_transport
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def segments_on_device(client, server, tail, role: Optional[str]) -> list:
     clientN) never runs the server's layers (build() drops their weights), so a weak client's
     accelerator holds its bottom layers only. The server process and a one-process run use every
     segment (the server evaluates through the clients' parts)."""
-    if role is not None and role.startswith("client"):
+    if is_client_process(role):
         return [s for s in (client, tail) if s is not None]
     return [s for s in (client, server, tail) if s is not None]
 
@@ -150,7 +150,7 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
     for seg in segments_on_device(client, server, tail, role):
         seg.to(device)
-    client_process = role is not None and role.startswith("client")
+    client_process = is_client_process(role)
     if client_process:
         # A client process runs neither the server's layers nor the whole model (the server exports
         # and evaluates): the server's weights go (the meta device keeps shapes and dtypes only) and

@@ -226,6 +226,7 @@ class Strategy:
                             in_process=setup.role is None)
         # Per party, the most bytes one forward saved for the backward (memory_per_side).
         self.activation_peaks = ActivationPeaks()
+        self._whole_flops_cache: Dict[tuple, float] = {}
         codec_cfg = self.cfg.codec
         self.codec_settings = CodecSettings(codec_cfg.bits, codec_cfg.group_size, codec_cfg.stochastic)
         grad_bits = codec_cfg.bits if codec_cfg.compress_gradients else 32
@@ -248,10 +249,14 @@ class Strategy:
         return forward_flops(module, batch_size, seq_len or self.setup.seq_len, num_layers, self.setup.hidden_size)
 
     def _whole_model_flops(self, rows: int, seq_len: int) -> float:
-        """Forward flops of the unsplit model over rows x seq_len tokens (client and server segments)."""
-        s, cut = self.setup, self.cfg.model.cut_layer
-        return self._fwd_flops(s.client, rows, cut, seq_len) + self._fwd_flops(s.server, rows, s.num_layers - cut,
-                                                                               seq_len)
+        """Forward flops of the unsplit model over rows x seq_len tokens (client and server segments),
+        counted once per batch shape: counting walks every parameter, too slow for every step."""
+        key = (rows, seq_len)
+        if key not in self._whole_flops_cache:
+            s, cut = self.setup, self.cfg.model.cut_layer
+            self._whole_flops_cache[key] = (self._fwd_flops(s.client, rows, cut, seq_len)
+                                            + self._fwd_flops(s.server, rows, s.num_layers - cut, seq_len))
+        return self._whole_flops_cache[key]
 
     def _send_adapters(self, src: str, dst: str, step: int, state: Dict[str, torch.Tensor]) -> int:
         packet = pack_tensors(state)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..adapters import adapter_state, clone_sharing_frozen, load_adapter_state, lora_plan, whole_model_names
 from ..aggregate import fedavg
-from ..memory import side_memory
+from ..memory import most_demanding, side_memory
 from ..timemodel import train_flops
 from ..transport import client_name
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
@@ -60,7 +60,7 @@ class FedLoRA(Strategy):
         """Each client holds the whole model: the most demanding client's memory; no server."""
         clients = [side_memory([m], side.optimizer, self.activation_peaks.bytes(client_name(c)))
                    for c, (m, side) in enumerate(zip(self.models, self.sides))]
-        return {"client": max(clients, key=lambda m: (m["total_bytes"] or 0, m["weights_bytes"])), "server": None}
+        return {"client": most_demanding(clients), "server": None}
 
     def end_round(self, step: int) -> float:
         averaged, sim = self._fedavg_round(step, [adapter_state(m) for m in self.models])

@@ -21,9 +21,9 @@ from torch import nn
 from ..adapters import (adapter_state, clone_sharing_frozen, load_adapter_state, lora_plan,
                         whole_model_names)
 from ..aggregate import fedavg
-from ..memory import side_memory
+from ..memory import most_demanding, side_memory
 from ..timemodel import train_flops
-from ..transport import SERVER, TransportError, client_name
+from ..transport import SERVER, TransportError, client_name, is_client_process
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
 from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded
 
@@ -73,10 +73,6 @@ class _SplitBase(Strategy):
             self._flops_cache[key] = f
         return self._flops_cache[key]
 
-    @property
-    def _is_client_process(self) -> bool:
-        return self.role is not None and self.role != SERVER
-
     # -- memory per side --------------------------------------------------------------------------
     def _client_meter(self, c: int, tokens: int):
         """Measures client c's forward when it may set a new peak (splitlora.memory.ActivationPeaks)."""
@@ -96,8 +92,7 @@ class _SplitBase(Strategy):
         # forwards ran elsewhere: their activations are unknown here (None).
         clients = [side_memory([self.parts[c]], self.client_sides[c].optimizer, self._client_activation_bytes(c))
                    for c in range(self.num_clients)]
-        heaviest = max(clients, key=lambda m: (m["total_bytes"] or 0, m["weights_bytes"]))
-        return {"client": heaviest,
+        return {"client": most_demanding(clients),
                 "server": side_memory([self.server], self.server_side.optimizer, self.activation_peaks.bytes(SERVER))}
 
     def _server_updates_per_step(self) -> int:
@@ -324,7 +319,7 @@ class _SplitBase(Strategy):
             "streams": streams,
             "party_rng": self.rng.state_dict(),
         }
-        if not self._is_client_process:  # a client process holds no server weights (trainer.build)
+        if not is_client_process(self.role):  # a client process holds no server weights (trainer.build)
             state["server"] = adapter_state(self.server)
             state["server_side"] = self.server_side.state_dict()
         return state
@@ -334,7 +329,7 @@ class _SplitBase(Strategy):
             load_adapter_state(p, s)
         for side, s in zip(self.client_sides, state["client_sides"]):
             side.load_state_dict(s)
-        if not self._is_client_process:
+        if not is_client_process(self.role):
             load_adapter_state(self.server, state["server"])
             self.server_side.load_state_dict(state["server_side"])
         self.rng.load_state_dict(state["party_rng"])

@@ -5,10 +5,11 @@ counts every byte it moves in a `CommLedger`; it knows nothing of models. The in
 `LocalTransport` is the default; a torch.distributed transport plugs in behind the same
 interface.
 """
-from .base import SERVER, CommLedger, Transport, TransportError, client_name
+from .base import SERVER, CommLedger, Transport, TransportError, client_name, is_client_process
 from .local import LocalTransport
 
-__all__ = ["SERVER", "CommLedger", "Transport", "TransportError", "client_name", "LocalTransport", "make_transport"]
+__all__ = ["SERVER", "CommLedger", "Transport", "TransportError", "client_name", "is_client_process", "LocalTransport",
+           "make_transport"]
 
 
 def make_transport(kind: str, *, timeout_s: float = 60.0) -> Transport:

@@ -17,6 +17,12 @@ def client_name(index: int) -> str:
     return f"client{index}"
 
 
+def is_client_process(role) -> bool:
+    """Whether a process playing `role` (transport=dist: "server" or "client<N>"; None: every party
+    in one process) is a client's alone."""
+    return role is not None and role != SERVER
+
+
 class TransportError(RuntimeError):
     """A packet was missing, late, or not the one expected (wrong kind or step)."""
 

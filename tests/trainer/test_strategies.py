@@ -250,6 +250,22 @@ def test_exact_export_computes_what_logits_fn_computes(tmp_path, strategy, extra
     assert not any(id(p) in base for n, p in whole.named_parameters() if "lora_" in n)
 
 
+def test_whole_model_on_another_device_is_a_copy_there(tmp_path):
+    """The base model stays in host memory; a whole model wanted elsewhere (a GPU; here the meta
+    device, which every machine has) gets its own weights there and leaves the base model as is."""
+    from splitlora.adapters import whole_model_with_adapters
+
+    built, strat, _ = _run_steps(tiny_config(tmp_path), 1)
+    plans, state = strat.export_state()
+    base = built.setup.base_model
+    whole = whole_model_with_adapters(base, plans, state, device="meta")
+    assert all(p.is_meta for p in whole.parameters())
+    assert all(p.device.type == "cpu" for p in base.parameters())
+    shapes = {n: p.shape for n, p in base.named_parameters()}
+    assert {n: p.shape for n, p in whole.named_parameters() if n in shapes} == shapes
+    assert sum("lora_" in n for n, _ in whole.named_parameters()) == len(state)
+
+
 @pytest.mark.parametrize("strategy", ["centralized", "hsplitlora", "fedcybgd"])
 def test_training_leaves_the_base_model_as_loaded(tmp_path, strategy):
     """The base model's weights are shared (centralized's model, exports) or read (HSplitLoRA's
