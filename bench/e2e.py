@@ -98,7 +98,8 @@ SIZES = {
     "gpu": {"config": "configs/gpt2-medium-e2e.yaml", "out": "runs/e2e-gpu", "overrides": [
         "device=cuda", "train.steps=1000", "train.eval_every=100", "train.checkpoint_every=0",
         "train.lr=1e-3", "lora.server.target_modules=[c_attn,lm_head]", "eval.num_beams=1",
-        "eval.max_sources=50"], "runs": COMPARISON, "threads": None, "data": {
+        "eval.max_sources=50"], "runs": COMPARISON, "threads": None, "matmul_precision": "high",
+        "triton_autotune": False, "data": {
         "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/test.txt",
         "data.tokenizer": "gpt2-tokenizer"}},
     # E2E quality on a CPU: SmolLM2-135M fine-tuned for 80 steps on valid.txt (480 of its lines),
@@ -117,7 +118,8 @@ SIZES = {
         "device=cuda", "data.pad_to=batch", "data.num_train=null", "data.num_eval=null", "train.batch_size=8",
         "train.steps=975",
         "train.warmup_steps=50", "train.aggregate_every=25", "train.eval_every=325", "eval.max_sources=630",
-        "eval.batch_size=32"], "runs": QUALITY, "threads": None, "data": {
+        "eval.batch_size=32"], "runs": QUALITY, "threads": None, "matmul_precision": "high",
+        "triton_autotune": False, "data": {
         "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/testset_w_refs.csv"}},
 }
 
@@ -222,6 +224,14 @@ def child(spec: dict) -> int:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    # float32 products on tensor cores (TF32) on the GPU sizes: the fused LoRA kernels already
+    # take float32 operands as TF32 unless the precision is "highest", and cuBLAS then does too.
+    torch.set_float32_matmul_precision(SIZES[spec["size"]].get("matmul_precision", "highest"))
+    # The fused LoRA kernels' fixed tiles on the GPU sizes: autotuning compiles and times every tile
+    # config once per layer shape and power-of-two bucket of token counts, about 100 s per bucket
+    # for GPT-2 medium on an H100, which the measured training time of a short run would carry.
+    if not SIZES[spec["size"]].get("triton_autotune", True):
+        os.environ.setdefault("SPLITLORA_TRITON_AUTOTUNE", "0")
     cfg = load_config(ROOT / spec["config"], spec["overrides"])
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg()
@@ -237,6 +247,8 @@ def child(spec: dict) -> int:
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "process_wall_s": elapsed, "train_wall_s": summary.get("wall_time_s"),
         "peak_rss_bytes": rss, "cuda_peak_bytes": summary.get("peak_memory_bytes"),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "triton_autotune": os.environ.get("SPLITLORA_TRITON_AUTOTUNE", "1") != "0",
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "machine": machine(),
     }
     (Path(cfg.output_dir) / "bench.json").write_text(json.dumps(record, indent=2))

@@ -203,13 +203,15 @@ def evaluate(strategy, built: Built, *, generate: bool, progress: bool = True) -
     try:
         fn = strategy.logits_fn()
         with torch.no_grad():
-            out = evaluate_loss(fn, built.eval_data, batch_size=cfg.eval.batch_size)
+            # The device is given: a split strategy's logits_fn is a closure, which has no parameters
+            # to read it from (the token ids would stay on the host while the weights are on CUDA).
+            out = evaluate_loss(fn, built.eval_data, batch_size=cfg.eval.batch_size, device=built.device)
             result = {"eval_loss": out["loss"], "eval_ppl": out["perplexity"]}
             if generate:
                 whole = _generation_model(strategy, built)
                 gen = evaluate_generation(fn if whole is None else whole, built.eval_examples, built.tokenizer,
                                           max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                          max_sources=cfg.eval.max_sources)
+                                          max_sources=cfg.eval.max_sources, device=built.device)
                 result.update({"bleu": gen["bleu"], "rouge_l": gen["rouge_l"], "samples": gen["samples"][:3],
                                "outputs": gen["outputs"]})
     finally:

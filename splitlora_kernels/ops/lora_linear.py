@@ -696,15 +696,48 @@ def _launch(kernel: str, grid_fn, ptrs: tuple, scalars: tuple, flags: tuple) -> 
     _launch_slow(kernel, key, dev, grid_fn, ptrs, scalars, flags)
 
 
+# The token-count arguments of the autotuned kernels. Training with each batch padded to its own
+# longest sequence gives a new token count nearly every step; autotuning each one (compiling and
+# timing every config of every kernel: about 100 s a step for GPT-2 medium on an H100) would
+# dwarf the training, and the best tile hardly moves within a factor of two of rows. So a tile is
+# tuned once per power-of-two bucket of these arguments and reused for the bucket's other counts.
+_TOKEN_ARGS = {"matmul": ("M",), "rowpass": ("M",), "colpass": ("M", "rows_per_split")}
+_TOKEN_ARG_INDEX: dict = {}
+# Tuning key (the launch key with its token counts bucketed) -> the tile meta tuned for it.
+_TUNED_BUCKETS: dict = {}
+
+
+def _token_bucket(n: int) -> int:
+    return 1 << max(4, (int(n) - 1).bit_length())
+
+
+def _tuning_key(kernel: str, key: tuple, n_ptrs: int) -> tuple:
+    """`key` (see _launch) with the kernel's token-count scalars rounded up to a power of two."""
+    index = _TOKEN_ARG_INDEX.get(kernel)
+    if index is None:
+        names = _RAW_KERNELS[kernel].arg_names
+        first = n_ptrs + _FREE_SCALARS[kernel]  # the key's scalars start after the free ones
+        index = _TOKEN_ARG_INDEX[kernel] = tuple(names.index(a) - first for a in _TOKEN_ARGS.get(kernel, ()))
+    scalars = list(key[3])
+    for i in index:
+        scalars[i] = _token_bucket(scalars[i])
+    return key[:3] + (tuple(scalars),) + key[4:]
+
+
 def _launch_slow(kernel, key, dev, grid_fn, ptrs, scalars, flags):
     meta = _TUNED.get(key)
     if meta is None:
         tuner = _tuner(kernel, dev) if _autotune_enabled() else None
-        if tuner is not None:
-            tuner[grid_fn](*ptrs, *scalars, *flags)
-            _TUNED[key] = tuner.best_config.all_kwargs()
-            return
-        meta = _TUNED[key] = _fixed_meta(kernel, flags)
+        if tuner is None:
+            meta = _TUNED[key] = _fixed_meta(kernel, flags)
+        else:
+            bucket = _tuning_key(kernel, key, len(ptrs))
+            meta = _TUNED_BUCKETS.get(bucket)
+            if meta is None:
+                tuner[grid_fn](*ptrs, *scalars, *flags)
+                _TUNED[key] = _TUNED_BUCKETS[bucket] = tuner.best_config.all_kwargs()
+                return
+            _TUNED[key] = meta
     grid = grid_fn(meta)
     compiled = _RAW_KERNELS[kernel][grid](*ptrs, *scalars, *flags, **meta)
     if compiled is None or _hooks_installed():
