@@ -498,3 +498,25 @@ def test_training_steps_run_in_train_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(SplitLoRA, "train_step", spy)
     train(tiny_config(tmp_path, "train.steps=2", "train.aggregate_every=1"), progress=False, log=lambda *_: None)
     assert seen == [True, True]
+
+
+def test_evaluation_is_told_the_run_device(tmp_path, monkeypatch):
+    """A split strategy's logits_fn is a closure without parameters, so evaluate_loss cannot read
+    the device off it: the trainer passes the run's device to both evaluations (on CUDA the token
+    ids otherwise stayed on the host and the first evaluation failed; a GPU test runs it for real)."""
+    import splitlora.evaluate as ev
+
+    built = build(tiny_config(tmp_path, "strategy=splitlora", "eval.generate=true"), log=lambda *_: None)
+    strategy = make_strategy(built.setup)
+    assert not isinstance(strategy.logits_fn(), torch.nn.Module)  # what makes the device necessary
+    seen = {}
+    for name in ("evaluate_loss", "evaluate_generation"):
+        real = getattr(ev, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name] = kwargs.get("device")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ev, name, spy)
+    evaluate(strategy, built, generate=True)
+    assert seen == {"evaluate_loss": built.device, "evaluate_generation": built.device}
