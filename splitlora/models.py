@@ -11,6 +11,7 @@ safetensors folder in a local cache (`$SPLITLORA_CACHE`, default `~/.cache/split
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["NAMED_MODELS", "NamedModel", "load_causal_lm", "default_cache_dir"]
+__all__ = ["NAMED_MODELS", "NamedModel", "load_causal_lm", "load_bottom_layers", "default_cache_dir"]
 
 # A marker written last into a converted folder: a folder without it is not a finished conversion.
 _SOURCE_FILE = "splitlora_source.json"
@@ -178,6 +179,70 @@ def _from_folder(folder: Path, gguf_file: Optional[str], dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if _has_tokenizer(folder) else None
     return model.eval(), tokenizer
+
+
+def load_bottom_layers(
+    num_layers: int,
+    *,
+    name: Optional[str] = None,
+    path: Union[str, os.PathLike, None] = None,
+    dtype: Union[torch.dtype, str] = torch.float32,
+    cache_dir: Union[str, os.PathLike, None] = None,
+) -> Tuple[Any, Any]:
+    """`(skeleton, tokenizer_or_None)`: the whole causal LM of a saved (or named) model with only its
+    bottom in memory. The embeddings, the rotary table and decoder layers [0, num_layers) hold the
+    saved weights; every other weight is on the meta device (shapes and dtypes, no storage).
+
+    This is a client process's model under transport=dist: its part of the model is read from the
+    safetensors files without the rest ever being loaded, so a weak device needs memory for its
+    own layers only. `split_model(skeleton, num_layers)` then gives the same client segment as
+    splitting the fully loaded model, and a server segment on the meta device. Models built from a
+    config (their random initialisation draws every layer in turn) and GGUF files (read whole) have
+    no such path: load them with load_causal_lm.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .split import graft_bottom
+
+    if (name is None) == (path is None):
+        raise ValueError("load_bottom_layers needs exactly one source: name= (a named model) or path= (a local "
+                         f"folder written by save_pretrained); got name={name!r}, path={path!r}.")
+    dtype = _check_dtype(dtype)
+    if name is not None:
+        if name not in NAMED_MODELS:
+            raise ValueError(f"name={name!r} is not a named model; known names: {sorted(NAMED_MODELS)}.")
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        folder = root / "models" / name
+        if not (folder / _SOURCE_FILE).is_file():
+            _convert(NAMED_MODELS[name], folder)
+    else:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"path={str(folder)!r} holds no config.json; give a folder written by save_pretrained.")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    total = config.num_hidden_layers
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers < total:
+        raise ValueError(f"num_layers must be an integer in [1, {total - 1}] for a model with {total} decoder "
+                         f"layers; got {num_layers!r}.")
+    bottom_config = copy.deepcopy(config)
+    bottom_config.num_hidden_layers = num_layers
+    for key, value in vars(config).items():  # per-layer settings (Qwen2's layer_types) follow the cut
+        if isinstance(value, list) and len(value) == total:
+            setattr(bottom_config, key, value[:num_layers])
+    # The checkpoint's layers from num_layers on are "unexpected" for the bottom model: transformers
+    # skips them without reading them, and its warning listing them would only be noise here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        bottom = AutoModelForCausalLM.from_pretrained(folder, config=bottom_config, dtype=dtype, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    graft_bottom(skeleton, bottom, num_layers)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if _has_tokenizer(folder) else None
+    return skeleton.eval(), tokenizer
 
 
 def _require_gguf() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "ClientTail",
     "split_model",
     "split_model_u_shape",
+    "graft_bottom",
 ]
 
 
@@ -433,3 +434,25 @@ def split_model_u_shape(
         ServerSegment(model, cut_layer, server_end),
         ClientTail(model, server_end),
     )
+
+
+def graft_bottom(skeleton: nn.Module, bottom: nn.Module, cut_layer: int) -> nn.Module:
+    """Moves `bottom`'s embeddings, rotary table and decoder layers [0, cut_layer) into `skeleton`,
+    a causal LM of the same architecture with more layers (typically on the meta device), in place
+    of its own; returns `skeleton`. models.load_bottom_layers builds a client's model this way."""
+    arch = _architecture_of(skeleton)
+    if _architecture_of(bottom) is not arch:
+        raise ValueError(f"bottom is a {bottom.config.model_type} model and skeleton a "
+                         f"{skeleton.config.model_type} model; graft within one architecture.")
+    total, have = _num_layers(skeleton, arch), _num_layers(bottom, arch)
+    _check_int("cut_layer", cut_layer)
+    if not 1 <= cut_layer <= min(have, total - 1):
+        raise ValueError(f"cut_layer must be in [1, {min(have, total - 1)}] (bottom has {have} decoder layers, "
+                         f"skeleton {total}); got {cut_layer}.")
+    source, target = getattr(bottom, arch.backbone), getattr(skeleton, arch.backbone)
+    for name in arch.embeddings + ((arch.rotary,) if arch.rotary is not None else ()):
+        setattr(target, name, getattr(source, name))
+    layers = getattr(target, arch.layers)
+    for i in range(cut_layer):
+        layers[i] = getattr(source, arch.layers)[i]
+    return skeleton

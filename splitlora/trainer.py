@@ -72,6 +72,14 @@ def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
     return {"path": m.path, "gguf_file": m.gguf_file}
 
 
+def _bottom_loadable(cfg) -> bool:
+    """Whether a client process can load its bottom layers alone (models.load_bottom_layers): from
+    saved safetensors weights (a folder or a named model), with a plain (not U-shaped) split. A model
+    built from a config is initialised whole, the same for every party, and a GGUF file is read
+    whole; the client then loads everything and drops the server's part."""
+    return cfg.model.config is None and cfg.model.gguf_file is None and not cfg.train.u_shape
+
+
 def segments_on_device(client, server, tail, role: Optional[str]) -> list:
     """The segments a process runs on its device. A client process (transport=dist, role
     clientN) never runs the server's layers (build() drops their weights), so a weak client's
@@ -86,7 +94,7 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
     strategy given the same config and seed."""
     from .data import ClientLoader, HFTokenizer, load_dataset, load_tokenizer, partition, tokenize
-    from .models import load_causal_lm
+    from .models import load_bottom_layers, load_causal_lm
     from .split import split_model, split_model_u_shape
     from .strategies import TrainSetup
 
@@ -102,7 +110,14 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     if d.tokenizer is not None or cfg.model.config is not None:
         tokenizer = load_tokenizer(d.tokenizer, examples=train_examples + eval_examples)
     source = _model_source(cfg, tokenizer.vocab_size if tokenizer is not None else 0, tokenizer)
-    model, model_tokenizer = load_causal_lm(**source, dtype=_DTYPES[cfg.model.dtype], seed=cfg.seed)
+    client_process = is_client_process(role)
+    if client_process and _bottom_loadable(cfg):
+        # A client process reads its own bottom layers from the saved weights and nothing more: the
+        # rest of the model exists on the meta device only (models.load_bottom_layers).
+        model, model_tokenizer = load_bottom_layers(cfg.model.cut_layer, name=source.get("name"),
+                                                    path=source.get("path"), dtype=_DTYPES[cfg.model.dtype])
+    else:
+        model, model_tokenizer = load_causal_lm(**source, dtype=_DTYPES[cfg.model.dtype], seed=cfg.seed)
     if tokenizer is None:
         if model_tokenizer is None:
             where = cfg.model.name or cfg.model.path
@@ -150,7 +165,6 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
     for seg in segments_on_device(client, server, tail, role):
         seg.to(device)
-    client_process = is_client_process(role)
     if client_process:
         # A client process runs neither the server's layers nor the whole model (the server exports
         # and evaluates): the server's weights go (the meta device keeps shapes and dtypes only) and

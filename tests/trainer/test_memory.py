@@ -2,8 +2,6 @@
 import torch
 from torch import nn
 
-import pytest
-
 from splitlora.memory import ActivationPeaks, SavedActivationMeter, side_memory
 
 

@@ -124,3 +124,52 @@ def test_smollm2_135m_loads_converts_and_splits():
     with torch.no_grad():
         logits = server(client(enc.input_ids, enc.attention_mask), enc.attention_mask)
     torch.testing.assert_close(logits, out.logits, atol=1e-4, rtol=0)
+
+
+QWEN2 = {"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 32, "intermediate_size": 64,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "use_sliding_window": True,
+         "sliding_window": 8, "max_window_layers": 2}
+
+
+@pytest.mark.parametrize("config", [dict(GPT2, n_layer=4), dict(LLAMA, num_hidden_layers=4), QWEN2],
+                         ids=["gpt2", "llama", "qwen2"])
+def test_bottom_layers_alone_give_the_same_client_segment(tmp_path, config):
+    """A client process's model (transport=dist): the saved weights of the embeddings and layers
+    [0, cut) only, the rest on the meta device; its client segment computes what the fully loaded
+    model's does, and its server segment has the full structure with no storage."""
+    from splitlora.models import load_bottom_layers
+    from splitlora.split import split_model
+
+    model, _ = load_causal_lm(config=config, seed=5)
+    model.save_pretrained(tmp_path)
+    full, _ = load_causal_lm(path=tmp_path)
+    skeleton, _ = load_bottom_layers(2, path=tmp_path)
+    assert skeleton.config.num_hidden_layers == 4 and not skeleton.training
+    real = {n for n, p in skeleton.named_parameters() if not p.is_meta}
+    layers = ".h." if config["model_type"] == "gpt2" else ".layers."
+    assert real and all(layers not in n or int(n.split(layers)[1].split(".")[0]) < 2 for n in real)
+    assert any(p.is_meta for p in skeleton.parameters())  # layers 2 and 3 and the head have no storage
+
+    client_full, server_full = split_model(full, 2)
+    client, server = split_model(skeleton, 2)
+    assert same_weights(client, client_full)
+    assert all(p.is_meta for p in server.parameters())
+    assert {n: p.shape for n, p in server.named_parameters()} == {n: p.shape for n, p in server_full.named_parameters()}
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(client(ids, mask), client_full(ids, mask), rtol=0, atol=0)
+
+
+def test_bottom_layers_bad_arguments(tmp_path):
+    from splitlora.models import load_bottom_layers
+
+    model, _ = load_causal_lm(config=LLAMA, seed=5)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"num_layers must be an integer in \[1, 1\]"):
+        load_bottom_layers(2, path=tmp_path)
+    with pytest.raises(ValueError, match="exactly one source"):
+        load_bottom_layers(1)
+    with pytest.raises(ValueError, match="no config.json"):
+        load_bottom_layers(1, path=tmp_path / "missing")

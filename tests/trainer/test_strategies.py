@@ -520,3 +520,29 @@ def test_evaluation_is_told_the_run_device(tmp_path, monkeypatch):
         monkeypatch.setattr(ev, name, spy)
     evaluate(strategy, built, generate=True)
     assert seen == {"evaluate_loss": built.device, "evaluate_generation": built.device}
+
+
+def test_a_client_process_reads_only_its_layers_of_a_saved_model(tmp_path, monkeypatch):
+    """With a saved model, a client process loads its embeddings and bottom layers and nothing else
+    (models.load_bottom_layers; the whole model is never built), and trains the same client segment
+    as a process that loaded everything."""
+    import splitlora.models as models
+
+    built = build(tiny_config(tmp_path, name="save"), log=lambda *_: None)
+    folder, words = tmp_path / "model", tmp_path / "words.json"
+    built.setup.base_model.save_pretrained(folder)
+    built.tokenizer.save(words)
+    saved = ["model.config=null", f"model.path={folder}", f"data.tokenizer={words}"]
+    whole = build(tiny_config(tmp_path, *saved, name="whole"), log=lambda *_: None, role="server").setup
+
+    def whole_model_load(**_):
+        raise AssertionError("a client process loaded the whole model")
+
+    monkeypatch.setattr(models, "load_causal_lm", whole_model_load)
+    client = build(tiny_config(tmp_path, *saved, name="client"), log=lambda *_: None, role="client1").setup
+    assert client.base_model is None
+    assert all(p.is_meta for p in client.server.parameters())
+    a, b = client.client.state_dict(), whole.client.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {n: p.shape for n, p in client.server.named_parameters()} == \
+        {n: p.shape for n, p in whole.server.named_parameters()}
