@@ -90,6 +90,27 @@ def test_dist_run_equals_local_run(tmp_path, local_run):
     assert (tmp_path / "dist" / "clients" / "client1" / "checkpoints" / "latest").is_file()
 
 
+def test_dist_run_of_a_saved_model_equals_local_run(tmp_path):
+    """Clients of a saved model read only their bottom layers (models.load_bottom_layers) and
+    train exactly what a process holding the whole model trains."""
+    from splitlora.config import load_config
+    from splitlora.trainer import build
+
+    built = build(load_config(None, [f"output_dir={tmp_path / 'save'}", *TINY]), log=lambda *_: None)
+    built.setup.base_model.save_pretrained(tmp_path / "model")
+    built.tokenizer.save(tmp_path / "words.json")
+    saved = ["model.config=null", f"model.path={tmp_path / 'model'}", f"data.tokenizer={tmp_path / 'words.json'}"]
+    local = _local(tmp_path / "local", *saved)
+    results = _launch(tmp_path / "dist", *saved)
+    assert [rc for rc, _ in results] == [0, 0, 0], results
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(local["eval_loss"], rel=1e-6)
+    a, b = _adapters(tmp_path / "dist"), _adapters(tmp_path / "local")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_dead_client_stops_the_server_then_resume_finishes(tmp_path, local_run):
     out = tmp_path / "dist"
     start = time.monotonic()
