@@ -470,6 +470,8 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
         bar.close()
 
     save_checkpoint(ckpt_dir, t.steps, _state(strategy, built, t.steps, totals))
+    if role is not None:
+        strategy.gather_client_memory()
     if not is_server:
         return {}
     eval0 = time.perf_counter()

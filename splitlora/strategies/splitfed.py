@@ -48,6 +48,7 @@ class _SplitBase(Strategy):
         self.client_sides = [Side([parts[c]], self.cfg.train) for c in range(self.num_clients)]
         self.server_side = Side([self.server], self.cfg.train, updates_per_step=self._server_updates_per_step())
         self._unique_parts = unique_parts
+        self._remote_client_memory: dict = {}  # client index -> its side's memory (transport=dist)
         n = self.num_clients
         self.act_up = [self._stream(self.codec_settings, 4 * c) for c in range(n)]
         self.grad_down = [self._stream(self.grad_settings, 4 * c + 1) for c in range(n)]
@@ -86,12 +87,33 @@ class _SplitBase(Strategy):
     def _client_activation_bytes(self, c: int) -> Optional[int]:
         return self.activation_peaks.bytes(client_name(c))
 
-    def memory_per_side(self) -> dict:
+    def _client_memory(self, c: int) -> dict:
         # A real client holds its own copy of its segment: its frozen weights count in full for
-        # each client (here the clients' copies share them). In a dist server process the clients'
-        # forwards ran elsewhere: their activations are unknown here (None).
-        clients = [side_memory([self.parts[c]], self.client_sides[c].optimizer, self._client_activation_bytes(c))
-                   for c in range(self.num_clients)]
+        # each client (here the clients' copies share them).
+        return side_memory([self.parts[c]], self.client_sides[c].optimizer, self._client_activation_bytes(c))
+
+    def gather_client_memory(self) -> None:
+        """transport=dist, called by every process after the last step: each client process sends
+        the server what it measured of its own memory (its optimizer state and saved activations
+        exist only there), so that the server's memory_per_side is the one-process run's. A
+        collective of torch.distributed (with the run's timeout), outside the transport and its
+        byte accounting: a measurement, not part of the protocol."""
+        import torch.distributed as dist
+
+        server = self.role == SERVER
+        mine = None
+        if not server:
+            c = int(self.role[len("client"):])
+            mine = (c, self._client_memory(c))
+        gathered = [None] * dist.get_world_size() if server else None
+        dist.gather_object(mine, gathered, dst=0)
+        if server:
+            self._remote_client_memory = dict(item for item in gathered if item is not None)
+
+    def memory_per_side(self) -> dict:
+        # In a dist server process the clients ran elsewhere: what they measured arrives after the
+        # last step (gather_client_memory).
+        clients = [self._remote_client_memory.get(c) or self._client_memory(c) for c in range(self.num_clients)]
         return {"client": most_demanding(clients),
                 "server": side_memory([self.server], self.server_side.optimizer, self.activation_peaks.bytes(SERVER))}
 

@@ -82,6 +82,9 @@ def test_dist_run_equals_local_run(tmp_path, local_run):
     assert summary["eval_loss"] == pytest.approx(local_summary["eval_loss"], rel=1e-6)
     # The accounting counts exactly the bytes that crossed the wire, the same as in-process.
     assert summary["bytes_by_kind"] == local_summary["bytes_by_kind"]
+    # The clients' activations were measured in their own processes and gathered by the server.
+    assert summary["memory_per_side"] == local_summary["memory_per_side"]
+    assert summary["memory_per_side"]["client"]["activation_bytes"] > 0
     a, b = _adapters(tmp_path / "dist"), _adapters(local_out)
     assert set(a) == set(b)
     for key in a:
