@@ -145,7 +145,8 @@ def run_overrides(name: str, args, data: Path, out: Path) -> list[str]:
     strategy, extra = RUNS[name]
     overrides = [f"{key}={data / rel}" for key, rel in size["data"].items()]
     overrides += list(size["overrides"])
-    overrides += [f"network.client_tflops={args.tflops:g}", f"network.server_tflops={args.tflops:g}",
+    client_tflops = args.tflops if args.client_tflops is None else args.client_tflops
+    overrides += [f"network.client_tflops={client_tflops:g}", f"network.server_tflops={args.tflops:g}",
                   f"network.bandwidth_mbps={args.bandwidth_mbps:g}", f"network.latency_ms={args.latency_ms:g}"]
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
@@ -317,6 +318,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bandwidth-mbps", type=float, default=100.0, help="simulated link bandwidth (Mbit/s)")
     parser.add_argument("--latency-ms", type=float, default=10.0, help="simulated link latency (ms)")
     parser.add_argument("--tflops", type=float, default=35.6, help="simulated client and server TFLOPS")
+    parser.add_argument("--client-tflops", type=float, default=None,
+                        help="simulated client TFLOPS when the clients are weaker (or stronger) than the server "
+                             "(default: --tflops)")
     parser.add_argument("--out", default=None, help="folder of the run folders (default runs/e2e, gpu: runs/e2e-gpu, "
                         "quality-cpu: runs/quality, quality-gpu: runs/quality-gpu; with --steps, --eval-every or "
                         "--set: that folder + '-quick')")
@@ -357,7 +361,10 @@ def main(argv=None) -> int:
 
     command = "python -m bench.e2e " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     print(f"e2e {args.size}: {len(names)} runs into {out}/ ({', '.join(names)}); config {size['config']}, "
-          f"data {data}, {args.tflops:g} TFLOPS per party, {args.bandwidth_mbps:g} Mbit/s, {args.latency_ms:g} ms, "
+          f"data {data}, "
+          + (f"{args.tflops:g} TFLOPS per party, " if args.client_tflops is None else
+             f"{args.client_tflops:g} TFLOPS per client, {args.tflops:g} for the server, ")
+          + f"{args.bandwidth_mbps:g} Mbit/s, {args.latency_ms:g} ms, "
           f"torch threads {threads or 'default'}", flush=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
