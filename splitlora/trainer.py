@@ -325,7 +325,9 @@ def _agree_on_resume_step(step: int) -> int:
     """Every rank resumes from the newest checkpoint that all ranks have."""
     import torch.distributed as dist
 
-    value = torch.tensor([step], dtype=torch.int64)
+    # NCCL reduces CUDA tensors only (each rank has its GPU set by init_distributed); gloo, CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([step], dtype=torch.int64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return int(value.item())
 
