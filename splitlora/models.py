@@ -198,7 +198,8 @@ def load_bottom_layers(
     own layers only. `split_model(skeleton, num_layers)` then gives the same client segment as
     splitting the fully loaded model, and a server segment on the meta device. Models built from a
     config (their random initialisation draws every layer in turn) and GGUF files (read whole) have
-    no such path: load them with load_causal_lm.
+    no such path: load them with load_causal_lm. A named model not yet in the cache is converted
+    first, which reads the whole model once (as load_causal_lm does).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
