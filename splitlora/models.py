@@ -211,12 +211,7 @@ def load_bottom_layers(
                          f"folder written by save_pretrained); got name={name!r}, path={path!r}.")
     dtype = _check_dtype(dtype)
     if name is not None:
-        if name not in NAMED_MODELS:
-            raise ValueError(f"name={name!r} is not a named model; known names: {sorted(NAMED_MODELS)}.")
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        folder = root / "models" / name
-        if not (folder / _SOURCE_FILE).is_file():
-            _convert(NAMED_MODELS[name], folder)
+        folder = _named_folder(name, cache_dir)
     else:
         folder = Path(path)
         if not (folder / "config.json").is_file():
@@ -251,15 +246,19 @@ def _require_gguf() -> None:
         raise ImportError("reading GGUF files needs the 'gguf' package; install it with: pip install gguf")
 
 
-def _from_name(name: str, dtype: torch.dtype, cache_dir):
+def _named_folder(name: str, cache_dir) -> Path:
+    """The safetensors folder of a named model in the cache, converted there on first use."""
     if name not in NAMED_MODELS:
         raise ValueError(f"name={name!r} is not a named model; known names: {sorted(NAMED_MODELS)}.")
-    spec = NAMED_MODELS[name]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = root / "models" / name
     if not (folder / _SOURCE_FILE).is_file():
-        _convert(spec, folder)
-    return _from_folder(folder, None, dtype)
+        _convert(NAMED_MODELS[name], folder)
+    return folder
+
+
+def _from_name(name: str, dtype: torch.dtype, cache_dir):
+    return _from_folder(_named_folder(name, cache_dir), None, dtype)
 
 
 def _convert(spec: NamedModel, folder: Path) -> None:
