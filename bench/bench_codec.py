@@ -8,7 +8,9 @@ activation-like tensor (normal, per-row scale): compress and decompress through 
 `splitlora.codec_reference` (`torch`), and the baselines `clone()` and a copy into a preallocated
 tensor (`copy_`, the device-to-device copy on CUDA). On CUDA it also times the bare ops
 (`ext-op`: the kernels without the host sync the public API needs to raise on NaN/Inf or bad
-scales). Times are medians (CUDA events on GPU, perf_counter on CPU).
+scales), and for 16-bit inputs rounded to nearest the lean compress path of the CUDA kernels
+(`ext-lean16`, `ext-op-lean16`: SPLITLORA_CODEC_LEAN16=1, not yet the default; its packets are
+compared with the reference's too). Times are medians (CUDA events on GPU, perf_counter on CPU).
 
 On CUDA every case is timed two ways: one call between two events (`median ms`: what one call
 costs from the moment the host issues it, launch gaps and host work included), and `--stream`
@@ -27,6 +29,7 @@ packet size over the input size. Prints a markdown table and writes codec_<devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -88,6 +91,20 @@ class Timer:
         if self.device.type != "cuda":
             return one, float("nan")
         return one, self(fn, reps=max(3, self.reps // 2), calls=self.stream_calls)
+
+
+@contextlib.contextmanager
+def lean16_path():
+    """Compress 16-bit inputs on the CUDA kernels' lean path (SPLITLORA_CODEC_LEAN16=1) inside."""
+    before = os.environ.get("SPLITLORA_CODEC_LEAN16")
+    os.environ["SPLITLORA_CODEC_LEAN16"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPLITLORA_CODEC_LEAN16"]
+        else:
+            os.environ["SPLITLORA_CODEC_LEAN16"] = before
 
 
 def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int, reps: int, ref_reps: int,
@@ -160,6 +177,17 @@ def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int,
                     add(op, f"{ext_name}-op", bits,
                         timer.both(lambda: torch.ops.splitlora.compress(x, header, bits, group_size, stochastic, 12345)),
                         nbytes + pbytes, pbytes, ref_seconds, same)
+                    if not stochastic and bits != 16 and elem == 2:
+                        # The lean compress path for 16-bit inputs (csrc/codec_cuda.cu), same run.
+                        with lean16_path():
+                            lean_packet = codec.compress(x, bits, group_size)
+                            lean_same = "yes" if same == "yes" and torch.equal(lean_packet, packet) else "NO"
+                            del lean_packet
+                            add(op, f"{ext_name}-lean16", bits, timer.both(ext_compress), nbytes + pbytes, pbytes,
+                                ref_seconds, lean_same)
+                            add(op, f"{ext_name}-op-lean16", bits,
+                                timer.both(lambda: torch.ops.splitlora.compress(x, header, bits, group_size, False, 0)),
+                                nbytes + pbytes, pbytes, ref_seconds, lean_same)
                 if stochastic:
                     continue
                 info = codec.packet_info(packet)

@@ -24,8 +24,8 @@ if [ "$part" != kernels ]; then
   SPLITLORA_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
     step build 150 "$py" -m pip install --no-deps --no-build-isolation -e .
   "$py" -c "import splitlora._ext as e; print('extension with CUDA:', e.built_with_cuda())"
-  TAIL=4 step test_codec_cuda 60 "$py" -m pytest -q -p no:cacheprovider tests/csrc/test_codec_cuda.py
-  TAIL=20 step bench_codec 60 "$py" -m bench.bench_codec --device cuda --reps 20 --out "$out"
+  TAIL=4 step test_codec_cuda 150 "$py" -m pytest -q -p no:cacheprovider tests/csrc/test_codec_cuda.py
+  TAIL=24 step bench_codec 100 "$py" -m bench.bench_codec --device cuda --reps 20 --out "$out"
 fi
 if [ "$part" != codec ]; then
   # The kernels need no extension build: splitlora_kernels is pure Python + Triton.

@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <string_view>
 #include <type_traits>
@@ -260,9 +261,133 @@ struct Codes {
   }
 };
 
+// ---- The lean path for 16-bit inputs, round to nearest (SPLITLORA_CODEC_LEAN16=1) ----
+// The same packets as the path in compress_block, in fewer instructions per element: the bf16 and
+// fp16 compress kernels are bound by instruction issue, not by HBM (the float32 ones, with half the
+// elements per byte, reach the copy's bandwidth). Not the default until a GPU run has checked it
+// against the CPU kernels byte for byte (tests/csrc/test_codec_cuda.py runs both paths).
+//
+//  - scale = rn(m / qmax) as q0 = rn(m * c), rem = fma(-q0, qmax, m), fma(rem, c, q0) with
+//    c = rn(1 / qmax): three instructions instead of an IEEE division. Exact for every finite
+//    bf16 and fp16 absmax m and qmax 7 and 127 (tests/csrc/test_lean16_arithmetic.py checks all
+//    of them); float32 inputs keep __fdiv_rn.
+//  - r = 1/scale by rcp.approx (at most 1 ulp off) and one Newton step: |r * scale - 1| <=
+//    2^-24 + 2^-45, against 2^-24 for the correctly rounded reciprocal.
+//  - b = fma(v, r, K), K = 1.5 * 2^23 + off, rounds the exact product p = v * r to an integer q
+//    (b = K + q), and d = fma(v, r, -(b - K)) = rn(p - q) measures p's distance to the rounding
+//    boundaries in one FMA. kTol's argument, with p in place of t: |p - v/scale| <= 128 *
+//    (2^-24 + 2^-45) < 7.7e-6 and the IEEE quotient is within 3.9e-6 of v/scale, while |d| <
+//    0.5 - kTol puts p more than kTol - 2^-25 > 3e-5 from q +- 0.5: both round to q. Elements
+//    closer to a boundary take quantize_exact, as on the other path; |q| <= qmax as there.
+//  - With off in K, the low byte of b's bits is the code q + off (in [1, 2^bits - 1]) and bits 8
+//    to 21 are zero, so codes pack by shift-adds and byte permutes, without masks or XORs.
+template <int QMAX>
+__device__ __forceinline__ float lean_scale(float m) {
+  if constexpr (QMAX == 1) {
+    return m;
+  } else {
+    constexpr float c = 1.0f / static_cast<float>(QMAX);
+    const float q0 = __fmul_rn(m, c);
+    const float rem = __fmaf_rn(-q0, static_cast<float>(QMAX), m);
+    return __fmaf_rn(rem, c, q0);
+  }
+}
+
+__device__ __forceinline__ float lean_reciprocal(float s) {
+  float r0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(s));
+  const float e = __fmaf_rn(-s, r0, 1.0f);
+  return __fmaf_rn(r0, e, r0);
+}
+
+// Codes of one chunk of 8 elements from the low bytes of b (code i < 2^BITS, bits 8..21 zero),
+// element 0 in the lowest bits, as Codes::put lays them out.
+template <int BITS>
+__device__ __forceinline__ void lean_pack(const uint32_t (&b)[8], uint32_t& lo, uint32_t& hi) {
+  if constexpr (BITS == 8) {
+    lo = __byte_perm(__byte_perm(b[0], b[1], 0x0040), __byte_perm(b[2], b[3], 0x0040), 0x5410);
+    hi = __byte_perm(__byte_perm(b[4], b[5], 0x0040), __byte_perm(b[6], b[7], 0x0040), 0x5410);
+  } else if constexpr (BITS == 4) {
+    // (b1 << 4) + b0 adds disjoint bits below bit 8: code 0 | code 1 << 4 in the low byte.
+    const uint32_t p01 = (b[1] << 4) + b[0], p23 = (b[3] << 4) + b[2];
+    const uint32_t p45 = (b[5] << 4) + b[4], p67 = (b[7] << 4) + b[6];
+    lo = __byte_perm(__byte_perm(p01, p23, 0x0040), __byte_perm(p45, p67, 0x0040), 0x5410);
+    hi = 0U;
+  } else {
+    static_assert(BITS == 2, "bits 2, 4 or 8");
+    const uint32_t p01 = (b[1] << 2) + b[0], p23 = (b[3] << 2) + b[2];
+    const uint32_t p45 = (b[5] << 2) + b[4], p67 = (b[7] << 2) + b[6];
+    lo = __byte_perm((p23 << 4) + p01, (p67 << 4) + p45, 0x0040);
+    hi = 0U;
+  }
+}
+
+// One chunk of a 16-bit input on the lean path: its group's absmax bits m, whether it is its
+// group's first chunk (which writes the scale and the non-finite flag), the codes to code_slot.
+template <typename E, int BITS, bool FULL>
+__device__ __forceinline__ void lean_chunk(const uint4& raw, uint32_t m, bool first, float* scale_slot,
+                                           int* nonfinite, int64_t e0, int64_t numel, uint8_t* code_slot) {
+  static_assert(Layout<E>::VEC == 8, "the lean path is for 16-bit inputs");
+  constexpr int QMAX = (1 << (BITS - 1)) - 1;
+  constexpr int OFF = 1 << (BITS - 1);
+  constexpr uint32_t MASK = (1U << BITS) - 1U;
+  constexpr float K = kRne + static_cast<float>(OFF);
+  constexpr uint32_t KBITS = static_cast<uint32_t>(kRneBits) + static_cast<uint32_t>(OFF);
+  const float lim = 0.5f - kTol;
+  Codes<8, BITS> out;
+  if (m >= kNonFiniteAbsBits) {  // codes stay 0
+    if (first) {
+      *scale_slot = __uint_as_float(0x7fc00000U);
+      *reinterpret_cast<volatile int*>(nonfinite) = 1;
+    }
+  } else {
+    const float scale = lean_scale<QMAX>(__uint_as_float(m));
+    if (first) *scale_slot = scale;
+    if (scale == 0.0f) {  // all zero, or so small that the scale underflows: q = 0 everywhere
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out.put(i, static_cast<uint32_t>(OFF));
+    } else {
+      // A normal reciprocal needs scale in [2^-125, 2^125]; outside, every element is exact. A
+      // float16 group's nonzero scale always lies inside (from 2^-24 / 127 to 65504).
+      const bool fast_ok = std::is_same<E, F16>::value || (scale >= 0x1p-125f && scale <= 0x1p125f);
+      const float r = lean_reciprocal(scale);
+      bool need_exact = !fast_ok;
+      uint32_t b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float v = elem<E>(raw, i);
+        const float bi = __fmaf_rn(v, r, K);
+        const float d = __fmaf_rn(v, r, -__fsub_rn(bi, K));
+        need_exact |= !(fabsf(d) < lim);  // NaN (r infinite) lands here too
+        b[i] = __float_as_uint(bi);
+      }
+      if (need_exact) {  // rare: some element lies within kTol of a half-integer
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float v = elem<E>(raw, i);
+          const float d = __fmaf_rn(v, r, -__fsub_rn(__fmaf_rn(v, r, K), K));
+          if (!fast_ok || !(fabsf(d) < lim))
+            b[i] = KBITS + static_cast<uint32_t>(min(max(quantize_exact<false>(v, scale, 0.0f), -QMAX), QMAX));
+        }
+      }
+      lean_pack<BITS>(b, out.w[0], out.w[1]);
+    }
+    if (!FULL && e0 + 8 > numel) {  // the padding of the last group: code 0
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (e0 + i >= numel) {
+          if (i * BITS < 32) out.w[0] &= ~(MASK << (i * BITS));
+          else out.w[1] &= ~(MASK << (i * BITS - 32));
+        }
+      }
+    }
+  }
+  store_codes<BITS>(code_slot, out.w[0], out.w[1]);
+}
+
 // Quantizes chunks [blockIdx.x * kThreads * U, +kThreads * U) of the nchunks = num_groups *
 // chunks-per-group chunks (the padding of the last group included).
-template <typename E, int BITS, bool STOCH, bool FULL>
+template <typename E, int BITS, bool STOCH, bool FULL, bool LEAN>
 __device__ __forceinline__ void compress_block(const typename E::storage* __restrict__ x, int64_t numel,
                                                int log2_tpg, int64_t nchunks, uint8_t* __restrict__ packet,
                                                int64_t codes_off, uint64_t seed, int* nonfinite,
@@ -318,6 +443,22 @@ __device__ __forceinline__ void compress_block(const typename E::storage* __rest
 
   float* scales = reinterpret_cast<float*>(packet + kHeaderBytes);
   uint8_t* codes = packet + codes_off;
+  if constexpr (LEAN) {
+    // Block-local 32-bit chunk indices: a block covers whole groups, so its scales start at
+    // scales + block_first_chunk / tpg, and this thread's codes at a fixed offset per row.
+    const int64_t block_first = static_cast<int64_t>(blockIdx.x) * (kThreads * U);
+    const int local = warp * (32 * U) + lane;
+    float* block_scales = scales + (block_first >> log2_tpg);
+    uint8_t* thread_codes = codes + (block_first + local) * CODE_BYTES;
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int lc = local + 32 * k;
+      if (!FULL && block_first + lc >= nchunks) continue;
+      lean_chunk<E, BITS, FULL>(raw[k], m[k], (lc & (tpg - 1)) == 0, block_scales + (lc >> log2_tpg), nonfinite,
+                                (block_first + lc) * VEC, numel, thread_codes + 32 * k * CODE_BYTES);
+    }
+    return;
+  }
   const uint32_t k0 = static_cast<uint32_t>(seed);
   const uint32_t k1 = static_cast<uint32_t>(seed >> 32);
   const float lim = 0.5f - kTol;
@@ -421,7 +562,7 @@ __device__ __forceinline__ void compress_block(const typename E::storage* __rest
   }
 }
 
-template <typename E, int BITS, bool STOCH>
+template <typename E, int BITS, bool STOCH, bool LEAN>
 __global__ void __launch_bounds__(kThreads) compress_kernel(const typename E::storage* __restrict__ x, int64_t numel,
                                                             int log2_tpg, int64_t nchunks,
                                                             uint8_t* __restrict__ packet, int64_t codes_off,
@@ -430,9 +571,9 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(const typename E::st
   const int64_t ng = nchunks >> log2_tpg;
   write_header(packet, header, kHeaderBytes + 4 * ng, static_cast<int>(codes_off - kHeaderBytes - 4 * ng));
   if (static_cast<int64_t>(blockIdx.x + 1) * CompressLayout<E>::BLOCK_ELEMS <= numel)
-    compress_block<E, BITS, STOCH, true>(x, numel, log2_tpg, nchunks, packet, codes_off, seed, nonfinite, warp_max);
+    compress_block<E, BITS, STOCH, true, LEAN>(x, numel, log2_tpg, nchunks, packet, codes_off, seed, nonfinite, warp_max);
   else
-    compress_block<E, BITS, STOCH, false>(x, numel, log2_tpg, nchunks, packet, codes_off, seed, nonfinite, warp_max);
+    compress_block<E, BITS, STOCH, false, LEAN>(x, numel, log2_tpg, nchunks, packet, codes_off, seed, nonfinite, warp_max);
 }
 
 template <typename E, int BITS, bool FULL>
@@ -613,6 +754,16 @@ int log2_exact(int64_t v) {
   return l;
 }
 
+// SPLITLORA_CODEC_LEAN16: 1 compresses bfloat16/float16 (round to nearest) on the lean path
+// above, 0 or unset on the established one. Read at every launch, so a process can compare both.
+bool lean16_enabled() {
+  const char* v = std::getenv("SPLITLORA_CODEC_LEAN16");
+  if (v == nullptr || v[0] == '\0') return false;
+  const std::string_view s(v);
+  TORCH_CHECK(s == "0" || s == "1", "SPLITLORA_CODEC_LEAN16 must be 0 or 1, got '", s, "'");
+  return s == "1";
+}
+
 unsigned int grid_for(int64_t chunks, int chunks_per_block) {
   const int64_t blocks = (chunks + chunks_per_block - 1) / chunks_per_block;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "splitlora codec: tensor too large for one launch");
@@ -675,11 +826,20 @@ void launch_compress(const at::Tensor& x, const HeaderArg& h, int64_t bits, int6
     const unsigned int grid = grid_for(nchunks, kThreads * CompressLayout<E>::U);
     dispatch_bits(bits, [&](auto bits_c) {
       constexpr int B = decltype(bits_c)::value;
-      if (stochastic)
-        compress_kernel<E, B, true><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
-                                                                   static_cast<uint64_t>(seed), h, f);
-      else
-        compress_kernel<E, B, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off, 0, h, f);
+      if (stochastic) {
+        compress_kernel<E, B, true, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
+                                                                          static_cast<uint64_t>(seed), h, f);
+        return;
+      }
+      if constexpr (VEC == 8) {
+        if (lean16_enabled()) {
+          compress_kernel<E, B, false, true><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p,
+                                                                            codes_off, 0, h, f);
+          return;
+        }
+      }
+      compress_kernel<E, B, false, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
+                                                                         0, h, f);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -23,6 +23,15 @@ from splitlora import _ops, codec, codec_reference
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True, params=["0", "1"], ids=["classic16", "lean16"])
+def compress16_path(request, monkeypatch):
+    """Every test on both compress paths of the CUDA kernels for 16-bit inputs: the established
+    one and the lean one (SPLITLORA_CODEC_LEAN16=1, csrc/codec_cuda.cu), which must give the same
+    packets. Float32 inputs and stochastic rounding take the established path either way."""
+    monkeypatch.setenv("SPLITLORA_CODEC_LEAN16", request.param)
+    return request.param
+
+
 @pytest.mark.skipif(not ext.built_with_cuda(), reason="splitlora._C was built without CUDA kernels")
 def test_cuda_backend_serves_cuda_tensors():
     assert codec.backend_for("cuda") == "cuda"
@@ -234,3 +243,11 @@ def test_cuda_subnormal_groups_match_cpu(bits, stochastic):
     cpu = codec.compress(x, bits, 64, stochastic=stochastic, generator=gen())
     assert torch.equal(gpu.cpu(), cpu)
     assert torch.equal(codec.decompress(gpu).cpu(), codec.decompress(cpu))
+
+
+@pytest.mark.skipif(not ext.built_with_cuda(), reason="splitlora._C was built without CUDA kernels")
+def test_cuda_lean16_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("SPLITLORA_CODEC_LEAN16", "yes")
+    x = activations((256,), torch.bfloat16, seed=3, device="cuda")
+    with pytest.raises(RuntimeError, match="SPLITLORA_CODEC_LEAN16 must be 0 or 1"):
+        codec.compress(x, 8, 64)
