@@ -152,8 +152,12 @@ def run_overrides(name: str, args, data: Path, out: Path) -> list[str]:
         overrides.append(f"train.steps={args.steps}")
     if args.eval_every is not None:
         overrides.append(f"train.eval_every={args.eval_every}")
+    # --set comes after the run's own overrides, so that it wins over them too (say
+    # codec.group_size for splitlora-int8, or train.lr for fedcybgd): what the command line asks for
+    # is what runs.
+    overrides += [f"strategy={strategy}", *extra]
     overrides += list(args.set or [])
-    overrides += [f"strategy={strategy}", *extra, f"output_dir={out / name}"]
+    overrides.append(f"output_dir={out / name}")
     return overrides
 
 
@@ -326,7 +330,7 @@ def main(argv=None) -> int:
                         "--set: that folder + '-quick')")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: 1 on the CPU sizes, torch's default on the GPU sizes)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for every run")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for every run (applied last: wins over the run's own)")
     parser.add_argument("--report", action="store_true", help="run bench.report afterwards")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
