@@ -29,3 +29,12 @@ def test_set_wins_over_the_runs_own_overrides(tmp_path):
 
     cfg, _ = _config("fedcybgd", _args(set=["train.lr=0.005"]), tmp_path)
     assert cfg.train.lr == 0.005  # over fedcybgd's own 1e-3
+
+
+def test_every_size_and_run_loads(tmp_path):
+    """Every size's overrides name real config keys (a typo raises), and evaluations fall at FedAvg
+    round ends, where the evaluated adapters are the ones every party holds."""
+    for size, spec in e2e.SIZES.items():
+        for name in spec["runs"]:
+            cfg, _ = _config(name, _args(size=size), tmp_path)
+            assert cfg.train.eval_every % cfg.train.aggregate_every == 0, (size, name)
