@@ -265,7 +265,7 @@ class HSplitLoRAConfig:
     # shared: one server adapter per adapted weight, trained on every client's activations;
     # per_client: the server keeps one adapter per client at that client's scale of lora.server.r
     # (SplitFed-style server models), all run in one batched multi-adapter launch and aggregated
-    # like the clients' (stacked only; needs lora.server.dropout = 0).
+    # like the clients' (stacked only).
     server_adapters: str = "shared"
     # Rank of the exported client adapters (the folded update, by SVD); null: exact (its numerical rank).
     export_rank: int | None = None
@@ -642,9 +642,6 @@ def _validate_hsplitlora(cfg: RunConfig, errors: list[str]) -> None:
         if h.aggregation != "stacked":
             errors.append(f"{p}.server_adapters: per_client needs {p}.aggregation=stacked (got "
                           f"{_describe(h.aggregation)}); use server_adapters=shared with zero_pad")
-        if isinstance(cfg.lora.server.dropout, (int, float)) and cfg.lora.server.dropout > 0:
-            errors.append(f"{p}.server_adapters: per_client runs the batched multi-adapter kernel, which has "
-                          f"no dropout; set lora.server.dropout=0 (got {cfg.lora.server.dropout})")
 
     total = 0
     for name, spec in h.devices.items():

@@ -12,8 +12,8 @@ GPU, plain torch per group on a CPU. The caller says how many samples each adapt
 The sizes are only needed while the forward runs: the backward keeps its own copy.
 
 This is the HSplitLoRA server's layer: one adapter per client, each at that client's rank, and
-every client's activations in one batch. Dropout on the adapters' branch is not supported (the
-batched kernel has none).
+every client's activations in one batch. `lora_dropout` > 0 drops inputs of the adapters' branch
+while training (one mask over the whole batch, as FusedLoRALinear draws it).
 """
 from __future__ import annotations
 
@@ -42,12 +42,16 @@ class MultiLoRALinear(nn.Module):
     adapters are `lora_A[g]` and `lora_B[g]` (ParameterLists)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], ranks: Sequence[int], lora_alpha: float,
-                 *, use_rslora: bool = False, fan_in_fan_out: bool = False) -> None:
+                 *, use_rslora: bool = False, fan_in_fan_out: bool = False, lora_dropout: float = 0.0) -> None:
         super().__init__()
         if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) == 0:
             raise ValueError(f"ranks must be a non-empty list of integers >= 1 (one per adapter); got {ranks!r}.")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be a number > 0; got {lora_alpha!r}.")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+                or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1); got {lora_dropout!r}.")
+        self.lora_dropout = float(lora_dropout)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.in_features, self.out_features = freeze_base(weight, bias, self.fan_in_fan_out)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
@@ -66,16 +70,13 @@ class MultiLoRALinear(nn.Module):
     @classmethod
     def from_lora_layer(cls, layer: FusedLoRALinear, ranks: Sequence[int]) -> "MultiLoRALinear":
         """G adapters on `layer`'s base weight and bias (the same Parameter objects: no copy), with
-        its alpha and rsLoRA flag. Every adapter starts like PEFT's (A kaiming-uniform, B = 0)."""
+        its alpha, rsLoRA flag and dropout. Every adapter starts like PEFT's (A kaiming-uniform, B = 0)."""
         if not isinstance(layer, FusedLoRALinear):
             raise ValueError(f"layer must be a FusedLoRALinear; got {type(layer).__name__}.")
         if layer.merged:
             raise ValueError("layer is merged; unmerge() it first so that its base weight is the base.")
-        if layer.lora_dropout > 0:
-            raise ValueError(f"MultiLoRALinear has no dropout on the adapters' branch, and layer has "
-                             f"lora_dropout={layer.lora_dropout}; use lora dropout 0 for a multi-adapter layer.")
         multi = cls(layer.weight, layer.bias, ranks, layer.lora_alpha, use_rslora=layer.use_rslora,
-                    fan_in_fan_out=layer.fan_in_fan_out)
+                    fan_in_fan_out=layer.fan_in_fan_out, lora_dropout=layer.lora_dropout)
         multi.train(layer.training)
         return multi
 
@@ -138,7 +139,8 @@ class MultiLoRALinear(nn.Module):
         offsets = offsets_from_sizes([n * rows_per_sample for n in sizes])
         lora_as = [a if a.dtype == x.dtype else a.to(x.dtype) for a in self.lora_A]
         lora_bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in self.lora_B]
-        return multi_lora_linear(x, weight, lora_as, lora_bs, self.scalings, offsets, self.bias)
+        return multi_lora_linear(x, weight, lora_as, lora_bs, self.scalings, offsets, self.bias,
+                                 dropout_p=self.lora_dropout, training=self.training)
 
     def base_only(self) -> "BaseLinear":
         """The frozen base layer alone (sharing the weight and bias): what the model computes with
@@ -147,7 +149,8 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}, "
-                f"lora_alpha={self.lora_alpha:g}, use_rslora={self.use_rslora}, bias={self.bias is not None}, "
+                f"lora_alpha={self.lora_alpha:g}, use_rslora={self.use_rslora}, lora_dropout={self.lora_dropout:g}, "
+                f"bias={self.bias is not None}, "
                 f"fan_in_fan_out={self.fan_in_fan_out}")
 
 

@@ -205,12 +205,14 @@ def _lora_rowpass_kernel(
 def _colpass_body(
     in_ptr, other_ptr, grad_ptr, colsum_ptr, pid_d, pid_s,
     seed, p_drop, drop_scale, scaling,
-    M, D, R, rows_per_split,
+    M, D, R, rows_per_split, row_base,
     stride_im, stride_id, stride_xm, stride_xr, stride_gs, stride_gr, stride_gd, stride_cs, stride_cd,
     DROPOUT: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_COLSUM: tl.constexpr,
     R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # row_base: the index, in the tensor the dropout mask was drawn for, of in_ptr's row 0 (a
+    # caller that passes a slice of the rows keeps the mask of the whole tensor).
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     offs_r = tl.arange(0, R_PAD)
@@ -227,7 +229,7 @@ def _colpass_body(
         tile = tl.load(in_ptr + rows64[:, None] * stride_im + cols[None, :] * stride_id,
                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DROPOUT:
-            tile = _apply_dropout(tile, rows64, cols, D, seed, p_drop, drop_scale)
+            tile = _apply_dropout(tile, rows64 + row_base, cols, D, seed, p_drop, drop_scale)
         if HAS_GRAD:
             other_t = tl.load(other_ptr + offs_r[:, None] * stride_xr + rows64[None, :] * stride_xm,
                               mask=r_mask[:, None] & row_mask[None, :], other=0.0)
@@ -266,13 +268,13 @@ def _lora_colpass_kernel(
     if run_a:
         if pid_d * BLOCK_D < DA:
             _colpass_body(x_ptr, dyb_ptr, ga_ptr, cs_ptr, pid_d, pid_s, seed, p_drop, drop_scale, scaling,
-                          M, DA, R, rows_per_split,
+                          M, DA, R, rows_per_split, 0,
                           stride_xm, stride_xd, stride_dybm, stride_dybr, stride_gas, stride_gar, stride_gad, 0, 0,
                           DROPOUT, True, False, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
     else:
         if pid_d * BLOCK_D < DB:
             _colpass_body(dy_ptr, xa_ptr, gb_ptr, cs_ptr, pid_d, pid_s, seed, p_drop, drop_scale, scaling,
-                          M, DB, R, rows_per_split,
+                          M, DB, R, rows_per_split, 0,
                           stride_dym, stride_dyd, stride_xam, stride_xar, stride_gbs, stride_gbr, stride_gbd,
                           stride_css, stride_csd,
                           False, TASK_B_GRAD, TASK_B_COLSUM, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_D)

@@ -37,10 +37,11 @@ no atomics, so results are deterministic):
 
 So a forward costs 1 Triton launch + 1 GEMM (+ the packing copies), a backward 1 + 1 GEMM for dX
 and 1 (small problems with a single group) or 2 launches for all adapter and bias gradients,
-whatever G. Not done yet: dropout on the LoRA branch (the HSplitLoRA server batch uses none; add
-it via lora_linear's seeded mask if needed), the two-launch row pass lora_linear uses when few
-rows must fill a large GPU, and autotuning (fixed tiles). Ranks above 256 and float64 run the
-reference.
+whatever G. Dropout on the adapters' branch (dropout_p > 0 while training) is lora_linear's
+seeded mask over the whole flattened x, applied in the forward row pass, the dX epilogue and dA's
+column pass; `dropout_mask(x.shape, p, seed)` replays it for the reference. Not done yet: the
+two-launch row pass lora_linear uses when few rows must fill a large GPU, and autotuning (fixed
+tiles). Ranks above 256 and float64 run the reference.
 
 CPU tensors (without the interpreter) run ``multi_lora_linear_reference``: lora_linear_reference
 per group, concatenated, which is also the test oracle.
@@ -59,9 +60,9 @@ from .lora_linear import MAX_TRITON_RANK, _KERNEL_DTYPES, _TRITON_IMPORT_ERROR, 
 from .reference import lora_linear_reference
 
 if _TRITON_IMPORT_ERROR is None:
-    from .lora_linear import _colpass_body, _mm, _mma, _sum_splits
+    from .lora_linear import _apply_dropout, _colpass_body, _keep_mask, _mm, _mma, _sum_splits
 else:  # the kernels below are parsed, never run
-    _colpass_body = _mm = _mma = _sum_splits = None
+    _apply_dropout = _colpass_body = _keep_mask = _mm = _mma = _sum_splits = None
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +77,25 @@ Scalings = Union[float, Sequence[float], torch.Tensor]
 # item_first[g] .. item_first[g+1]-1).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _multi_rowpass_kernel(
     in_ptr, proj_ptr, l_ptr, out_ptr, up_ptr, bias_ptr, table_ptr, scal_ptr,
+    seed, p_drop, drop_scale,
     M, K, N, G,
     stride_im, stride_ik, stride_lm, stride_lr, stride_om, stride_on, stride_bias,
     BACKWARD: tl.constexpr, STORE_L: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Per group g overlapping this block of rows: L = in_g @ P_g.T ([rows, r_g]), stored to l with
-    STORE_L; with EPILOGUE also out = s_g * L @ U_g (+ bias) for the group's rows.
+    """Per group g overlapping this block of rows: L = dropout(in_g) @ P_g.T ([rows, r_g]), stored to
+    l with STORE_L; with EPILOGUE also out = s_g * L @ U_g (+ bias) for the group's rows, masked by
+    the dropout mask of an [M, N] x with OUT_DROPOUT.
     Forward (BACKWARD False): in = x [M, K=in], P_g = A_g [r_g, in], U_g = B_g.T, out = y.
     Backward: in = dY [M, K=out], P_g = B_g.T, U_g = A_g [r_g, N=in], out = dX.
-    proj_ptr / up_ptr are the flat buffers holding A_g [r_g, in] and B_g [out, r_g] back to back."""
+    proj_ptr / up_ptr are the flat buffers holding A_g [r_g, in] and B_g [out, r_g] back to back.
+    Dropout is lora_linear's: the keep decision for x[row, col] is drawn from (seed, row * in + col)
+    with the row of the whole flattened x, so every group sees its rows' part of one mask."""
     pid = tl.program_id(0)
     row_start = pid * BLOCK_M
     row_last = tl.minimum(row_start + BLOCK_M, M) - 1
@@ -135,6 +141,8 @@ def _multi_rowpass_kernel(
                 col_mask = cols < K
                 tile = tl.load(in_ptr + rows64[:, None] * stride_im + cols[None, :] * stride_ik,
                                mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+                if IN_DROPOUT:
+                    tile = _apply_dropout(tile, rows64, cols, K, seed, p_drop, drop_scale)
                 proj = tl.load(p_base + cols[:, None] * s_pk + offs_r[None, :] * s_pr,
                                mask=col_mask[:, None] & r_mask[None, :], other=0.0)
                 acc = _mma(tile, proj, acc, UPCAST, PRECISION)
@@ -144,13 +152,19 @@ def _multi_rowpass_kernel(
                 tl.store(l_ptr + rows64[:, None] * stride_lm + offs_r[None, :] * stride_lr, l,
                          mask=row_mask[:, None] & r_mask[None, :])
             if EPILOGUE:
-                l = (l.to(tl.float32) * scaling).to(l.dtype)
+                if not OUT_DROPOUT:
+                    l = (l.to(tl.float32) * scaling).to(l.dtype)
                 for n0 in range(0, N, BLOCK_N):
                     cols_n = n0 + tl.arange(0, BLOCK_N)
                     n_mask = cols_n < N
                     up = tl.load(u_base + offs_r[:, None] * s_ur + cols_n[None, :] * s_un,
                                  mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                     term = _mm(l, up, UPCAST, PRECISION)
+                    if OUT_DROPOUT:
+                        # dX of the low-rank branch passes back through the dropout that fed it
+                        # (as in lora_linear's row pass).
+                        keep = _keep_mask(rows64, cols_n, N, seed, p_drop)
+                        term = tl.where(keep, term * scaling * drop_scale, 0.0)
                     if HAS_BIAS:
                         term += tl.load(bias_ptr + cols_n * stride_bias, mask=n_mask,
                                         other=0.0).to(tl.float32)[None, :]
@@ -158,19 +172,21 @@ def _multi_rowpass_kernel(
                              term.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _multi_colpass_kernel(
     x_ptr, dyb_ptr, ga_ptr, dy_ptr, xa_ptr, gb_ptr, cs_ptr, table_ptr, scal_ptr,
+    seed, p_drop, drop_scale,
     G, n_items, DA, DB,
     stride_xm, stride_xd, stride_dybm, stride_dybr, stride_dym, stride_dyd, stride_xam, stride_xar,
     stride_gas, stride_gbs, stride_css,
     TASK_A: tl.constexpr, TASK_B_GRAD: tl.constexpr, TASK_B_COLSUM: tl.constexpr,
-    PARTIAL: tl.constexpr, CS_PARTIAL: tl.constexpr,
+    PARTIAL: tl.constexpr, CS_PARTIAL: tl.constexpr, DROPOUT: tl.constexpr,
     R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Reductions over the rows of one work item (a group or a chunk of one), at the group's rank.
-    Task A: s_g * dyb[rows, :r].T @ x[rows] -> dA_g [r, DA]. Task B: s_g * xa[rows, :r].T @ dY[rows]
+    Task A: s_g * dyb[rows, :r].T @ dropout(x[rows]) -> dA_g [r, DA] (DROPOUT: the forward's mask,
+    drawn for x's own rows: the item's first row is lo). Task B: s_g * xa[rows, :r].T @ dY[rows]
     -> dB_g [DB, r] (stored transposed) and column sums of dY[rows]. Final gradients go into the
     flat buffers at the group's offset; with PARTIAL, fp32 partials [item, r, D] instead (and with
     CS_PARTIAL the column sums go to [item, DB]) for _multi_finish_kernel."""
@@ -195,9 +211,9 @@ def _multi_colpass_kernel(
             else:
                 ga = ga_ptr + tl.load(table_ptr + 2 * G + 1 + g)
             _colpass_body(x_ptr + lo * stride_xm, dyb_ptr + lo * stride_dybm, ga, cs_ptr, pid_d, 0,
-                          0, 0.0, 1.0, scaling, n_rows, DA, rank, n_rows,
+                          seed, p_drop, drop_scale, scaling, n_rows, DA, rank, n_rows, lo,
                           stride_xm, stride_xd, stride_dybm, stride_dybr, 0, DA, 1, 0, 0,
-                          False, True, False, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+                          DROPOUT, True, False, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
     else:
         if pid_d * BLOCK_D < DB:
             if CS_PARTIAL:
@@ -207,14 +223,14 @@ def _multi_colpass_kernel(
             if PARTIAL:
                 gb = gb_ptr + pid_i.to(tl.int64) * stride_gbs
                 _colpass_body(dy_ptr + lo * stride_dym, xa_ptr + lo * stride_xam, gb, cs, pid_d, 0,
-                              0, 0.0, 1.0, scaling, n_rows, DB, rank, n_rows,
+                              0, 0.0, 1.0, scaling, n_rows, DB, rank, n_rows, lo,
                               stride_dym, stride_dyd, stride_xam, stride_xar, 0, DB, 1, 0, 1,
                               False, TASK_B_GRAD, TASK_B_COLSUM, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
             else:
                 # dB_g [DB, r] seen as [r, DB]: row stride 1, column stride r.
                 gb = gb_ptr + tl.load(table_ptr + 3 * G + 1 + g)
                 _colpass_body(dy_ptr + lo * stride_dym, xa_ptr + lo * stride_xam, gb, cs, pid_d, 0,
-                              0, 0.0, 1.0, scaling, n_rows, DB, rank, n_rows,
+                              0, 0.0, 1.0, scaling, n_rows, DB, rank, n_rows, lo,
                               stride_dym, stride_dyd, stride_xam, stride_xar, 0, 1, rank, 0, 1,
                               False, TASK_B_GRAD, TASK_B_COLSUM, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
 
@@ -265,7 +281,8 @@ _ll._RAW_KERNELS.update(multi_rowpass=_multi_rowpass_kernel, multi_colpass=_mult
                         multi_finish=_multi_finish_kernel)
 _ll._TILE_NAMES.update(multi_rowpass=("BLOCK_M", "BLOCK_K", "BLOCK_N"), multi_colpass=("BLOCK_M", "BLOCK_D"),
                        multi_finish=("S_BLOCK", "BLOCK"))
-_ll._FREE_SCALARS.update(multi_rowpass=0, multi_colpass=0, multi_finish=0)
+# Free scalars (never in the compiled code's key): the dropout seed, p and 1/(1-p).
+_ll._FREE_SCALARS.update(multi_rowpass=3, multi_colpass=3, multi_finish=0)
 _ll._FIXED_META.update(
     multi_rowpass=dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
     multi_colpass=dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=3),
@@ -414,6 +431,12 @@ def _normalize_offsets(offsets, G: int, M: int, name: str) -> List[int]:
     return offs
 
 
+def check_dropout_p(dropout_p, name: str = "multi_lora_linear") -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
 def multi_lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -422,20 +445,28 @@ def multi_lora_linear_reference(
     scalings: Scalings,
     offsets: Offsets,
     bias: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain torch: `lora_linear_reference` on each group's rows, concatenated (autograd gives the
-    backward). The CPU path of `multi_lora_linear` and the oracle of the Triton kernels."""
+    backward). The CPU path of `multi_lora_linear` and the oracle of the Triton kernels.
+    `dropout_mask`: the scaled keep mask (0 or 1/(1-p)) of x's shape for the adapters' branch, e.g.
+    `dropout_mask(x.shape, p, seed)` to replay what the kernels drew."""
     offs, scal = check_multi_lora_args(x, weight, lora_as, lora_bs, scalings, offsets, bias,
                                        name="multi_lora_linear_reference")
-    return _reference(x, weight, lora_as, lora_bs, scal, offs, bias)
+    if dropout_mask is not None and tuple(dropout_mask.shape) != tuple(x.shape):
+        raise ValueError(f"multi_lora_linear_reference: dropout_mask must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(dropout_mask.shape)}")
+    return _reference(x, weight, lora_as, lora_bs, scal, offs, bias, dropout_mask)
 
 
-def _reference(x, weight, lora_as, lora_bs, scal: List[float], offs: List[int], bias):
+def _reference(x, weight, lora_as, lora_bs, scal: List[float], offs: List[int], bias, mask=None):
     """multi_lora_linear_reference on arguments already checked (scalings and offsets as lists):
     the entry points validate once, not again on the way to it."""
     out_features, in_features = weight.shape
     x2d = x.reshape(-1, in_features)
-    parts = [lora_linear_reference(x2d[offs[g]:offs[g + 1]], weight, a, b, scal[g], bias)
+    mask2d = mask.reshape(-1, in_features) if mask is not None else None
+    parts = [lora_linear_reference(x2d[offs[g]:offs[g + 1]], weight, a, b, scal[g], bias,
+                                   mask2d[offs[g]:offs[g + 1]] if mask2d is not None else None)
              for g, (a, b) in enumerate(zip(lora_as, lora_bs))]
     return torch.cat(parts, 0).reshape(*x.shape[:-1], out_features)
 
@@ -488,25 +519,29 @@ class _Plan:
         self.scal = torch.tensor(scalings, dtype=torch.float32).to(device, non_blocking=True)
 
 
-def _launch_multi_rowpass(inp, proj_flat, l, out, up_flat, bias, plan, *, backward, store_l, epilogue):
+def _launch_multi_rowpass(inp, proj_flat, l, out, up_flat, bias, plan, *, backward, store_l, epilogue,
+                          p=0.0, seed=0, in_dropout=False, out_dropout=False):
     M, K = inp.shape
     N = out.shape[1] if out is not None else 0
     upcast, precision = _ll._dot_flags(inp.dtype)
     dummy = inp
     s_lm, s_lr = l.stride() if l is not None else (0, 0)
     s_om, s_on = out.stride() if out is not None else (0, 0)
+    seed, p, drop_scale = _ll._dropout_args(p, seed)
     _ll._launch(
         "multi_rowpass", lambda meta: (_ll._cdiv(M, meta["BLOCK_M"]),),
         (inp, proj_flat, l if l is not None else dummy, out if out is not None else dummy,
          up_flat if up_flat is not None else dummy, bias if bias is not None else dummy, plan.table, plan.scal),
-        (M, K, N, plan.G, *inp.stride(), s_lm, s_lr, s_om, s_on, bias.stride(0) if bias is not None else 0),
-        (backward, store_l, epilogue, bias is not None, plan.r_pad, upcast, precision),
+        (seed, p, drop_scale, M, K, N, plan.G, *inp.stride(), s_lm, s_lr, s_om, s_on,
+         bias.stride(0) if bias is not None else 0),
+        (backward, store_l, epilogue, bias is not None, in_dropout and p > 0.0, out_dropout and p > 0.0,
+         plan.r_pad, upcast, precision),
     )
 
 
-def _launch_multi_colpass(x2d, dyb, dy, xa, plan, *, need_a, need_b, need_bias, bias_dtype):
+def _launch_multi_colpass(x2d, dyb, dy, xa, plan, *, need_a, need_b, need_bias, bias_dtype, p=0.0, seed=0):
     """Flat dA (the dA_g [r_g, in] back to back), flat dB (the dB_g [out, r_g]) and dbias [out],
-    each None unless asked for."""
+    each None unless asked for. dA takes x through the forward's dropout mask (p, seed)."""
     M, DA = x2d.shape
     DB = dy.shape[1]
     dtype, device = x2d.dtype, x2d.device
@@ -529,12 +564,12 @@ def _launch_multi_colpass(x2d, dyb, dy, xa, plan, *, need_a, need_b, need_bias, 
         (x2d if need_a else dummy, dyb if need_a else dummy, ga if need_a else dummy,
          dy if task_b else dummy, xa if need_b else dummy, gb if need_b else dummy,
          cs if need_bias else dummy, plan.table, plan.scal),
-        (plan.G, plan.n_items, DA, DB,
+        (*_ll._dropout_args(p, seed), plan.G, plan.n_items, DA, DB,
          *(x2d.stride() if need_a else (0, 0)), *(dyb.stride() if need_a else (0, 0)),
          *(dy.stride() if task_b else (0, 0)), *(xa.stride() if need_b else (0, 0)),
          plan.r_max * DA if need_a and partial else 0, plan.r_max * DB if need_b and partial else 0,
          DB if cs_partial else 0),
-        (need_a, need_b, need_bias, partial, cs_partial, plan.r_pad, upcast, precision),
+        (need_a, need_b, need_bias, partial, cs_partial, need_a and p > 0.0, plan.r_pad, upcast, precision),
     )
     fin_a, fin_b = need_a and partial, need_b and partial
     if fin_a or fin_b or cs_partial:
@@ -562,10 +597,11 @@ def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class MultiLoRALinearFunction(torch.autograd.Function):
     """Triton forward and backward of the multi-adapter LoRA linear. Inputs: x, weight, bias (or
-    None), the _Plan, then the G lora_as followed by the G lora_bs. Validated by the callers."""
+    None), the _Plan, the dropout probability and seed, then the G lora_as followed by the G
+    lora_bs. Validated by the callers."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan, *adapters):
+    def forward(ctx, x, weight, bias, plan, dropout_p, seed, *adapters):
         G = plan.G
         lora_as, lora_bs = adapters[:G], adapters[G:]
         out_features, in_features = weight.shape
@@ -575,10 +611,12 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         xa = torch.empty((M, plan.r_max), device=x.device, dtype=x.dtype)
         y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
         # One launch writes xa and every group's low-rank term (+ bias); cuBLAS adds x @ W.T.
-        _launch_multi_rowpass(x2d, a_flat, xa, y, b_flat, bias, plan, backward=False, store_l=True, epilogue=True)
+        _launch_multi_rowpass(x2d, a_flat, xa, y, b_flat, bias, plan, backward=False, store_l=True, epilogue=True,
+                              p=dropout_p, seed=seed, in_dropout=True)
         y.addmm_(x2d, weight.t())
         ctx.save_for_backward(x2d, weight, a_flat, b_flat, xa)
         ctx.plan = plan
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.x_shape = x.shape
@@ -591,8 +629,9 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         G = plan.G
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
-        need_as = ctx.needs_input_grad[4:4 + G]
-        need_bs = ctx.needs_input_grad[4 + G:4 + 2 * G]
+        need_as = ctx.needs_input_grad[6:6 + G]
+        need_bs = ctx.needs_input_grad[6 + G:6 + 2 * G]
+        p, seed = ctx.dropout_p, ctx.seed
         need_a, need_b = any(need_as), any(need_bs)
         out_features, in_features = weight.shape
         dy = grad_out.reshape(-1, out_features)
@@ -605,7 +644,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             # dY @ B_g (kept for dA) and s_g * (dY @ B_g) @ A_g in one launch, then cuBLAS adds dY @ W.
             dx = torch.empty((M, in_features), device=dy.device, dtype=dy.dtype)
             _launch_multi_rowpass(dy, b_flat, dyb, dx, a_flat, None, plan, backward=True, store_l=need_a,
-                                  epilogue=True)
+                                  epilogue=True, p=p, seed=seed, out_dropout=True)
             dx.addmm_(dy, weight)
             dx = dx.view(ctx.x_shape)
         elif need_a:
@@ -614,14 +653,14 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         da = db = None
         if need_a or need_b or need_bias:
             da, db, dbias = _launch_multi_colpass(x2d, dyb, dy, xa, plan, need_a=need_a, need_b=need_b,
-                                                  need_bias=need_bias, bias_dtype=ctx.bias_dtype)
+                                                  need_bias=need_bias, bias_dtype=ctx.bias_dtype, p=p, seed=seed)
         if need_w:
             dw = (dy.t() @ x2d).to(weight.dtype)
         das = [da[plan.a_off[g]:plan.a_off[g] + plan.ranks[g] * in_features].view(plan.ranks[g], in_features)
                if need_as[g] else None for g in range(G)]
         dbs = [db[plan.b_off[g]:plan.b_off[g] + out_features * plan.ranks[g]].view(out_features, plan.ranks[g])
                if need_bs[g] else None for g in range(G)]
-        return (dx, dw, dbias, None, *das, *dbs)
+        return (dx, dw, dbias, None, None, None, *das, *dbs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,12 +685,18 @@ def multi_lora_linear_triton(
     scalings: Scalings,
     offsets: Offsets,
     bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """The Triton path of `multi_lora_linear`, whatever the device: CUDA tensors, or CPU tensors
-    when TRITON_INTERPRET=1 (how CI tests the kernels)."""
+    when TRITON_INTERPRET=1 (how CI tests the kernels). `seed` fixes the dropout mask (replay it
+    with `dropout_mask(x.shape, dropout_p, seed)`)."""
     _ll._require_triton()
     offs, scal = check_multi_lora_args(x, weight, lora_as, lora_bs, scalings, offsets, bias,
                                        name="multi_lora_linear_triton")
+    p = check_dropout_p(dropout_p, "multi_lora_linear_triton")
     if x.device.type != "cuda" and not (_ll._INTERPRETED and _ll._interpreting()):
         raise ValueError(
             f"multi_lora_linear_triton: x is on {x.device}, the Triton kernels need CUDA tensors "
@@ -662,18 +707,21 @@ def multi_lora_linear_triton(
         if a.shape[0] > MAX_TRITON_RANK:
             raise ValueError(f"multi_lora_linear_triton: lora_as[{g}] has rank {a.shape[0]}, the kernels take "
                              f"at most {MAX_TRITON_RANK}; use multi_lora_linear, which falls back to the reference")
-    return _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias)
+    return _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias, p if training else 0.0, seed)
 
 
-def _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias):
+def _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias, p=0.0, seed=None):
     if x.numel() == 0:
         return _reference(x, weight, lora_as, lora_bs, scal, offs, bias)
     out_features, in_features = weight.shape
     plan = _Plan(offs, [a.shape[0] for a in lora_as], scal, in_features, out_features, x.device)
+    if seed is None:
+        seed = _ll.draw_seed() if p > 0.0 else 0
+    args = (x, weight, bias, plan, float(p), int(seed), *lora_as, *lora_bs)
     if x.is_cuda and x.get_device() != _ll._current_device():
         with torch.cuda.device(x.device):
-            return MultiLoRALinearFunction.apply(x, weight, bias, plan, *lora_as, *lora_bs)
-    return MultiLoRALinearFunction.apply(x, weight, bias, plan, *lora_as, *lora_bs)
+            return MultiLoRALinearFunction.apply(*args)
+    return MultiLoRALinearFunction.apply(*args)
 
 
 def multi_lora_linear(
@@ -684,19 +732,27 @@ def multi_lora_linear(
     scalings: Scalings,
     offsets: Offsets,
     bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
 ) -> torch.Tensor:
-    """y = x @ weight.T + bias + scalings[g] * (x_g @ lora_as[g].T) @ lora_bs[g].T for the rows
-    x_g = x[offsets[g]:offsets[g+1]] of each adapter g (x flattened to [M, in]).
+    """y = x @ weight.T + bias + scalings[g] * (dropout(x_g) @ lora_as[g].T) @ lora_bs[g].T for the
+    rows x_g = x[offsets[g]:offsets[g+1]] of each adapter g (x flattened to [M, in]); dropout on
+    the adapters' branch only, while `training`.
 
     CUDA tensors run the Triton kernels (one launch for all adapters forward, see the module
-    docstring); CPU tensors, float64 and ranks above 256 run `multi_lora_linear_reference`.
+    docstring), with lora_linear's seeded dropout mask; CPU tensors, float64 and ranks above 256
+    run `multi_lora_linear_reference`, with dropout drawn by torch.bernoulli.
     `multi_lora_linear_backend` tells which one serves a call. `offsets` may be a list or a 1-D
     integer tensor (a CUDA tensor costs a device sync: it is read on the host)."""
     offs, scal = check_multi_lora_args(x, weight, lora_as, lora_bs, scalings, offsets, bias)
+    p = check_dropout_p(dropout_p)
+    if not training:
+        p = 0.0
     backend = multi_lora_linear_backend(x, lora_as)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("multi_lora_linear: %s backend for x %s %s on %s, ranks %s", backend, tuple(x.shape),
                      x.dtype, x.device, [a.shape[0] for a in lora_as])
     if backend == "triton":
-        return _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias)
-    return _reference(x, weight, lora_as, lora_bs, scal, offs, bias)
+        return _run_triton(x, weight, lora_as, lora_bs, scal, offs, bias, p)
+    mask = torch.empty_like(x).bernoulli_(1.0 - p) / (1.0 - p) if p > 0.0 else None
+    return _reference(x, weight, lora_as, lora_bs, scal, offs, bias, mask)

@@ -144,10 +144,36 @@ def test_bad_input_is_explained():
             pass
     with pytest.raises(ValueError, match="ranks\\[1\\] must be an integer >= 1"):
         MultiLoRALinear(torch.zeros(OUT, IN), None, [2, 0], 4.0)
-    with pytest.raises(ValueError, match="lora dropout 0"):
-        MultiLoRALinear.from_lora_layer(FusedLoRALinear.from_linear(nn.Linear(IN, OUT), 2, 4, dropout=0.1), [2])
+    with pytest.raises(ValueError, match="lora_dropout must be a number in"):
+        MultiLoRALinear(torch.zeros(OUT, IN), None, [2], 4.0, lora_dropout=1.0)
     with pytest.raises(ValueError, match="must be a FusedLoRALinear"):
         MultiLoRALinear.from_lora_layer(nn.Linear(IN, OUT), [2])
+
+
+def test_dropout_carries_over_and_acts_only_while_training():
+    layer = FusedLoRALinear.from_linear(nn.Linear(IN, OUT), 2, 4, dropout=0.25)
+    multi = MultiLoRALinear.from_lora_layer(layer, [2, 3])
+    assert multi.lora_dropout == 0.25 and "lora_dropout=0.25" in repr(multi)
+    with torch.no_grad():
+        for b in multi.lora_B:
+            b.normal_()
+    x = torch.randn(4, 3, IN)
+    with adapter_groups(multi, [1, 3]):
+        multi.eval()
+        evaluated = multi(x)
+        assert torch.equal(evaluated, multi(x))  # no dropout in eval mode
+        multi.train()
+        torch.manual_seed(5)
+        trained = multi(x)
+    # In training, the adapters' branch sees the inputs through one mask of the batch's shape.
+    torch.manual_seed(5)
+    mask = torch.empty_like(x).bernoulli_(0.75) / 0.75
+    expected = evaluated.clone()
+    for g, (lo, hi) in enumerate([(0, 1), (1, 4)]):
+        a, b = multi.lora_A[g].detach(), multi.lora_B[g].detach()
+        xs = x[lo:hi]
+        expected[lo:hi] += multi.scaling(g) * ((xs * mask[lo:hi]) @ a.t() @ b.t() - xs @ a.t() @ b.t())
+    torch.testing.assert_close(trained.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

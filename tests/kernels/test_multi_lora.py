@@ -28,6 +28,7 @@ from splitlora_kernels.ops import (
 )
 
 ml = importlib.import_module("splitlora_kernels.ops.multi_lora")
+ll = importlib.import_module("splitlora_kernels.ops.lora_linear")
 
 TOL = {
     torch.float32: 2e-5,
@@ -85,10 +86,11 @@ def assert_close_scaled(actual, expected, dtype, what):
     assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} x max|ref| ({scale:.3e})"
 
 
-def check_against_reference(inputs, scalings, device=CPU):
+def check_against_reference(inputs, scalings, device=CPU, *, dropout_p=0.0, seed=None):
+    """With dropout_p > 0 the reference replays the kernels' mask (`dropout_mask` of `seed`)."""
     x, weight, lora_as, lora_bs, bias, offsets = inputs
     G = len(lora_as)
-    y = multi_lora_linear_triton(x, weight, lora_as, lora_bs, scalings, offsets, bias)
+    y = multi_lora_linear_triton(x, weight, lora_as, lora_bs, scalings, offsets, bias, dropout_p=dropout_p, seed=seed)
     assert y.shape == (*x.shape[:-1], weight.shape[0]) and y.dtype == x.dtype
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(99)).to(y.dtype).to(device)
     tensors = flat(x, weight, lora_as, lora_bs, bias)
@@ -96,7 +98,8 @@ def check_against_reference(inputs, scalings, device=CPU):
 
     t64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
     x64, w64, a64, b64, bias64 = t64[0], t64[1], t64[2:2 + G], t64[2 + G:2 + 2 * G], t64[-1]
-    y_ref = multi_lora_linear_reference(x64, w64, a64, b64, scalings, offsets, bias64)
+    mask = ll.dropout_mask(x.shape, dropout_p, seed, device=device).double() if dropout_p > 0 else None
+    y_ref = multi_lora_linear_reference(x64, w64, a64, b64, scalings, offsets, bias64, dropout_mask=mask)
     grads_ref = torch.autograd.grad(y_ref, grad_inputs(t64), grad_out.double())
 
     assert_close_scaled(y, y_ref, x.dtype, "y")
@@ -147,6 +150,51 @@ def test_large_problem_kernels(large_problem_kernels, dtype):
     for a in lora_as:
         a.requires_grad_(False)
     check_against_reference((x, weight, lora_as, lora_bs, bias, offsets), [1.0, 2.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_matches_reference_with_the_replayed_mask(dtype):
+    # The forward row pass, the dX epilogue and dA's column pass must all use the one mask of the
+    # whole flattened x (groups start mid-block, so a per-group mask would show).
+    check_against_reference(make_inputs(SIZES, RANKS, 40, 36, dtype), SCALINGS, dropout_p=0.3, seed=1234)
+
+
+def test_dropout_in_the_large_problem_kernels(large_problem_kernels):
+    # Column-pass work items start mid-group (4-row chunks): dA's mask must still be x's own rows.
+    check_against_reference(make_inputs(SIZES, RANKS, 40, 36, torch.float32), SCALINGS, dropout_p=0.25, seed=7)
+
+
+def test_dropout_draws_a_mask_and_none_in_eval():
+    x, weight, lora_as, lora_bs, bias, offsets = make_inputs([30, 34], [4, 8], 32, 24, torch.float32)
+    base = multi_lora_linear_triton(x, weight, lora_as, lora_bs, [1.0, 2.0], offsets, bias)
+    dropped = multi_lora_linear_triton(x, weight, lora_as, lora_bs, [1.0, 2.0], offsets, bias, dropout_p=0.5,
+                                       seed=3)
+    again = multi_lora_linear_triton(x, weight, lora_as, lora_bs, [1.0, 2.0], offsets, bias, dropout_p=0.5,
+                                     seed=3)
+    evaluated = multi_lora_linear_triton(x, weight, lora_as, lora_bs, [1.0, 2.0], offsets, bias, dropout_p=0.5,
+                                         training=False, seed=3)
+    assert torch.equal(dropped, again)  # the seed fixes the mask
+    assert torch.equal(evaluated, base)  # no dropout outside training
+    assert (dropped - base).abs().max() > 1e-3  # and a real one inside
+    keep = (ll.dropout_mask(x.shape, 0.5, 3, device=CPU) > 0).float().mean().item()
+    assert 0.4 < keep < 0.6
+
+
+def test_cpu_path_dropout():
+    x, weight, lora_as, lora_bs, bias, offsets = make_inputs([6, 10], [2, 3], 16, 12, torch.float32, x_grad=False)
+    ref = multi_lora_linear_reference(x, weight, lora_as, lora_bs, [1.0, 1.0], offsets, bias)
+    assert torch.equal(multi_lora_linear(x, weight, lora_as, lora_bs, [1.0, 1.0], offsets, bias, dropout_p=0.5,
+                                         training=False), ref)
+    torch.manual_seed(0)
+    y = multi_lora_linear(x, weight, lora_as, lora_bs, [1.0, 1.0], offsets, bias, dropout_p=0.5)
+    torch.manual_seed(0)
+    mask = torch.empty_like(x).bernoulli_(0.5) / 0.5
+    expected = multi_lora_linear_reference(x, weight, lora_as, lora_bs, [1.0, 1.0], offsets, bias, dropout_mask=mask)
+    assert torch.equal(y, expected)
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        multi_lora_linear(x, weight, lora_as, lora_bs, [1.0, 1.0], offsets, bias, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout_mask must have x's shape"):
+        multi_lora_linear_reference(x, weight, lora_as, lora_bs, [1.0, 1.0], offsets, bias, dropout_mask=mask[:3])
 
 
 def test_many_small_groups_straddle_row_blocks():
@@ -359,6 +407,14 @@ def test_gpu_large_problem_kernels(large_problem_kernels, monkeypatch, dtype):
     monkeypatch.setattr(ml, "_SPLIT_ROWS", 64)
     inputs = make_inputs(GPU_SIZES, GPU_RANKS, 256, 320, dtype, CUDA, weight_grad=True, x_noncontiguous=True)
     check_against_reference(inputs, GPU_SCALINGS, device=CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_dropout(large_problem_kernels, monkeypatch, dtype):
+    monkeypatch.setattr(ml, "_SPLIT_ROWS", 64)
+    inputs = make_inputs(GPU_SIZES, GPU_RANKS, 256, 320, dtype, CUDA)
+    check_against_reference(inputs, GPU_SCALINGS, CUDA, dropout_p=0.3, seed=11)
 
 
 @pytest.mark.gpu
