@@ -633,6 +633,23 @@ _TILE_NAMES = {"matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), "rowpass"
                "colpass": ("BLOCK_M", "BLOCK_D"), "finish": ("S_BLOCK", "BLOCK")}
 # How many leading scalars (seed, p_drop, drop_scale, scaling) never change the compiled code.
 _FREE_SCALARS = {"matmul": 4, "rowpass": 4, "colpass": 4, "finish": 0}
+
+
+def register_launch_kernel(name: str, kernel, *, tiles: Tuple[str, ...], free_scalars: int, fixed_meta: dict,
+                           interpret_meta: dict) -> None:
+    """Lets `_launch` run another module's @triton.jit kernel by `name` (how multi_lora's kernels
+    share this launcher: the interpreter patch, the cache of compiled variants launched with
+    little host work). `tiles`: the kernel's tile constexprs, in signature order, last in its
+    argument list; `free_scalars`: how many leading scalar arguments never change the compiled
+    code (a dropout seed, say); `fixed_meta` / `interpret_meta`: the tiles (and num_warps,
+    num_stages) on a GPU and in the interpreter. Such kernels are not autotuned."""
+    _RAW_KERNELS[name] = kernel
+    _TILE_NAMES[name] = tuple(tiles)
+    _FREE_SCALARS[name] = int(free_scalars)
+    _FIXED_META[name] = dict(fixed_meta)
+    _INTERPRET_META[name] = dict(interpret_meta)
+
+
 # Launch key -> tile meta the autotuner picked (or the fixed one), and launch key -> a callable
 # that launches the compiled kernel directly. The key holds everything triton specializes a
 # compiled kernel on, so a hit can skip triton's binder.

@@ -275,24 +275,21 @@ def _multi_finish_kernel(
 
 
 # These kernels go through lora_linear's launcher (`_launch`: interpreter patching, a cache of
-# compiled variants launched with little host work); it finds kernels and their tiles by name in
-# these tables. None of them is autotuned: `_tuner` knows only lora_linear's kernels.
-_ll._RAW_KERNELS.update(multi_rowpass=_multi_rowpass_kernel, multi_colpass=_multi_colpass_kernel,
-                        multi_finish=_multi_finish_kernel)
-_ll._TILE_NAMES.update(multi_rowpass=("BLOCK_M", "BLOCK_K", "BLOCK_N"), multi_colpass=("BLOCK_M", "BLOCK_D"),
-                       multi_finish=("S_BLOCK", "BLOCK"))
-# Free scalars (never in the compiled code's key): the dropout seed, p and 1/(1-p).
-_ll._FREE_SCALARS.update(multi_rowpass=3, multi_colpass=3, multi_finish=0)
-_ll._FIXED_META.update(
-    multi_rowpass=dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    multi_colpass=dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=3),
-    multi_finish=dict(S_BLOCK=8, BLOCK=512, num_warps=4, num_stages=1),
-)
-_ll._INTERPRET_META.update(
-    multi_rowpass=dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1),
-    multi_colpass=dict(BLOCK_M=16, BLOCK_D=32, num_warps=4, num_stages=1),
-    multi_finish=dict(S_BLOCK=4, BLOCK=128, num_warps=4, num_stages=1),
-)
+# compiled variants launched with little host work), with fixed tiles (no autotuning). The first
+# three scalars of the row and column passes (the dropout seed, p and 1/(1-p)) never change the
+# compiled code.
+_ll.register_launch_kernel(
+    "multi_rowpass", _multi_rowpass_kernel, tiles=("BLOCK_M", "BLOCK_K", "BLOCK_N"), free_scalars=3,
+    fixed_meta=dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    interpret_meta=dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1))
+_ll.register_launch_kernel(
+    "multi_colpass", _multi_colpass_kernel, tiles=("BLOCK_M", "BLOCK_D"), free_scalars=3,
+    fixed_meta=dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=3),
+    interpret_meta=dict(BLOCK_M=16, BLOCK_D=32, num_warps=4, num_stages=1))
+_ll.register_launch_kernel(
+    "multi_finish", _multi_finish_kernel, tiles=("S_BLOCK", "BLOCK"), free_scalars=0,
+    fixed_meta=dict(S_BLOCK=8, BLOCK=512, num_warps=4, num_stages=1),
+    interpret_meta=dict(S_BLOCK=4, BLOCK=128, num_warps=4, num_stages=1))
 
 # Column pass: problems up to this many elements (M * (in + out)) reduce each group's rows in one
 # program per column tile and store final gradients; larger ones cut groups into chunks of a
