@@ -8,7 +8,7 @@ activation-like tensor (normal, per-row scale): compress and decompress through 
 `splitlora.codec_reference` (`torch`), and the baselines `clone()` and a copy into a preallocated
 tensor (`copy_`, the device-to-device copy on CUDA). On CUDA it also times the bare ops
 (`ext-op`: the kernels without the host sync the public API needs to raise on NaN/Inf or bad
-scales), and for 16-bit inputs rounded to nearest the lean compress path of the CUDA kernels
+scales), and for 16-bit inputs the lean compress path of the CUDA kernels
 (`ext-lean16`, `ext-op-lean16`: SPLITLORA_CODEC_LEAN16=1, not yet the default; its packets are
 compared with the reference's too). Times are medians (CUDA events on GPU, perf_counter on CPU).
 
@@ -177,16 +177,18 @@ def run(size_mib: int, device: torch.device, bits_list, dtypes, group_size: int,
                     add(op, f"{ext_name}-op", bits,
                         timer.both(lambda: torch.ops.splitlora.compress(x, header, bits, group_size, stochastic, 12345)),
                         nbytes + pbytes, pbytes, ref_seconds, same)
-                    if not stochastic and bits != 16 and elem == 2:
+                    if bits != 16 and elem == 2:
                         # The lean compress path for 16-bit inputs (csrc/codec_cuda.cu), same run.
                         with lean16_path():
-                            lean_packet = codec.compress(x, bits, group_size)
+                            lean_packet = codec.compress(x, bits, group_size, stochastic=stochastic,
+                                                         generator=torch.Generator().manual_seed(1))
                             lean_same = "yes" if same == "yes" and torch.equal(lean_packet, packet) else "NO"
                             del lean_packet
                             add(op, f"{ext_name}-lean16", bits, timer.both(ext_compress), nbytes + pbytes, pbytes,
                                 ref_seconds, lean_same)
                             add(op, f"{ext_name}-op-lean16", bits,
-                                timer.both(lambda: torch.ops.splitlora.compress(x, header, bits, group_size, False, 0)),
+                                timer.both(lambda: torch.ops.splitlora.compress(x, header, bits, group_size,
+                                                                                stochastic, 12345)),
                                 nbytes + pbytes, pbytes, ref_seconds, lean_same)
                 if stochastic:
                     continue

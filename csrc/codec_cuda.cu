@@ -261,7 +261,7 @@ struct Codes {
   }
 };
 
-// ---- The lean path for 16-bit inputs, round to nearest (SPLITLORA_CODEC_LEAN16=1) ----
+// ---- The lean path for 16-bit inputs (SPLITLORA_CODEC_LEAN16=1) ----
 // The same packets as the path in compress_block, in fewer instructions per element: the bf16 and
 // fp16 compress kernels are bound by instruction issue, not by HBM (the float32 ones, with half the
 // elements per byte, reach the copy's bandwidth). Not the default until a GPU run has checked it
@@ -281,6 +281,8 @@ struct Codes {
 //    closer to a boundary take quantize_exact, as on the other path; |q| <= qmax as there.
 //  - With off in K, the low byte of b's bits is the code q + off (in [1, 2^bits - 1]) and bits 8
 //    to 21 are zero, so codes pack by shift-adds and byte permutes, without masks or XORs.
+//  - Stochastic rounding: an IEEE division per element and no shortcut (see lean_chunk), with
+//    the same scale, packing and addressing as above.
 template <int QMAX>
 __device__ __forceinline__ float lean_scale(float m) {
   if constexpr (QMAX == 1) {
@@ -324,9 +326,13 @@ __device__ __forceinline__ void lean_pack(const uint32_t (&b)[8], uint32_t& lo, 
 
 // One chunk of a 16-bit input on the lean path: its group's absmax bits m, whether it is its
 // group's first chunk (which writes the scale and the non-finite flag), the codes to code_slot.
-template <typename E, int BITS, bool FULL>
+// Stochastic rounding divides each element as codec.h specifies (IEEE division, then the floor and
+// the element's uniform number): the reciprocal shortcut does not pay there, since the absmax
+// element of every group lands next to an integer and sent whole warps down the exact path.
+template <typename E, int BITS, bool STOCH, bool FULL>
 __device__ __forceinline__ void lean_chunk(const uint4& raw, uint32_t m, bool first, float* scale_slot,
-                                           int* nonfinite, int64_t e0, int64_t numel, uint8_t* code_slot) {
+                                           int* nonfinite, int64_t e0, int64_t numel, uint8_t* code_slot,
+                                           uint64_t seed) {
   static_assert(Layout<E>::VEC == 8, "the lean path is for 16-bit inputs");
   constexpr int QMAX = (1 << (BITS - 1)) - 1;
   constexpr int OFF = 1 << (BITS - 1);
@@ -346,6 +352,19 @@ __device__ __forceinline__ void lean_chunk(const uint4& raw, uint32_t m, bool fi
     if (scale == 0.0f) {  // all zero, or so small that the scale underflows: q = 0 everywhere
 #pragma unroll
       for (int i = 0; i < 8; ++i) out.put(i, static_cast<uint32_t>(OFF));
+    } else if constexpr (STOCH) {
+      const uint32_t k0 = static_cast<uint32_t>(seed);
+      const uint32_t lo0 = static_cast<uint32_t>(e0);
+      const uint32_t hk = static_cast<uint32_t>(static_cast<uint64_t>(e0) >> 32) ^ static_cast<uint32_t>(seed >> 32);
+      uint32_t b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float t = __fdiv_rn(elem<E>(raw, i), scale);
+        const float fl = floorf(t);
+        const int q = static_cast<int>(fl) + (sr_u(lo0 + i, hk, k0) < __fsub_rn(t, fl) ? 1 : 0);
+        b[i] = static_cast<uint32_t>(min(max(q, -QMAX), QMAX) + OFF);  // the code, in the low byte
+      }
+      lean_pack<BITS>(b, out.w[0], out.w[1]);
     } else {
       // A normal reciprocal needs scale in [2^-125, 2^125]; outside, every element is exact. A
       // float16 group's nonzero scale always lies inside (from 2^-24 / 127 to 65504).
@@ -454,8 +473,9 @@ __device__ __forceinline__ void compress_block(const typename E::storage* __rest
     for (int k = 0; k < U; ++k) {
       const int lc = local + 32 * k;
       if (!FULL && block_first + lc >= nchunks) continue;
-      lean_chunk<E, BITS, FULL>(raw[k], m[k], (lc & (tpg - 1)) == 0, block_scales + (lc >> log2_tpg), nonfinite,
-                                (block_first + lc) * VEC, numel, thread_codes + 32 * k * CODE_BYTES);
+      lean_chunk<E, BITS, STOCH, FULL>(raw[k], m[k], (lc & (tpg - 1)) == 0, block_scales + (lc >> log2_tpg),
+                                       nonfinite, (block_first + lc) * VEC, numel, thread_codes + 32 * k * CODE_BYTES,
+                                       seed);
     }
     return;
   }
@@ -754,8 +774,8 @@ int log2_exact(int64_t v) {
   return l;
 }
 
-// SPLITLORA_CODEC_LEAN16: 1 compresses bfloat16/float16 (round to nearest) on the lean path
-// above, 0 or unset on the established one. Read at every launch, so a process can compare both.
+// SPLITLORA_CODEC_LEAN16: 1 compresses bfloat16/float16 on the lean path above, 0 or unset on
+// the established one. Read at every launch, so a process can compare both.
 bool lean16_enabled() {
   const char* v = std::getenv("SPLITLORA_CODEC_LEAN16");
   if (v == nullptr || v[0] == '\0') return false;
@@ -826,20 +846,24 @@ void launch_compress(const at::Tensor& x, const HeaderArg& h, int64_t bits, int6
     const unsigned int grid = grid_for(nchunks, kThreads * CompressLayout<E>::U);
     dispatch_bits(bits, [&](auto bits_c) {
       constexpr int B = decltype(bits_c)::value;
-      if (stochastic) {
-        compress_kernel<E, B, true, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
-                                                                          static_cast<uint64_t>(seed), h, f);
-        return;
-      }
+      const uint64_t s = stochastic ? static_cast<uint64_t>(seed) : 0;
       if constexpr (VEC == 8) {
         if (lean16_enabled()) {
-          compress_kernel<E, B, false, true><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p,
-                                                                            codes_off, 0, h, f);
+          if (stochastic)
+            compress_kernel<E, B, true, true><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p,
+                                                                             codes_off, s, h, f);
+          else
+            compress_kernel<E, B, false, true><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p,
+                                                                              codes_off, s, h, f);
           return;
         }
       }
-      compress_kernel<E, B, false, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
-                                                                         0, h, f);
+      if (stochastic)
+        compress_kernel<E, B, true, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
+                                                                          s, h, f);
+      else
+        compress_kernel<E, B, false, false><<<grid, kThreads, 0, stream>>>(xp, numel, log2_tpg, nchunks, p, codes_off,
+                                                                           s, h, f);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

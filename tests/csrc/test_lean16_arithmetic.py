@@ -13,8 +13,8 @@ reference, whose division is IEEE float32:
 - the codes from the FMA rounding and its one-FMA boundary check, with a reciprocal anywhere
   within the 1 ulp that rcp.approx may be off before its Newton step, equal the reference codes
   for every 16-bit value of a group (exhaustive per absmax, over a spread of absmax values);
-- codes taken from the low bytes of the rounded values and packed by shift-adds and byte
-  permutes land where the reference packs them.
+- codes taken from the low bytes of the rounded values (or, for stochastic rounding, the bare
+  codes) and packed by shift-adds and byte permutes land where the reference packs them.
 
 The CUDA code itself is checked against the CPU kernels by tests/csrc/test_codec_cuda.py on a GPU.
 """
@@ -182,11 +182,16 @@ def lean_pack(b: list[int], bits: int) -> bytes:
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_lean_pack_lays_codes_out_as_the_reference(bits):
+@pytest.mark.parametrize("words", ["rounded", "codes"])
+def test_lean_pack_lays_codes_out_as_the_reference(bits, words):
+    """Round to nearest packs the bits of the rounded floats K + q; stochastic rounding the bare codes."""
     rng = np.random.default_rng(bits)
     off, qmax = 1 << (bits - 1), (1 << (bits - 1)) - 1
     codes = rng.integers(off - qmax, off + qmax + 1, size=(4096, 8)).astype(np.uint8)  # q + off, q in [-qmax, qmax]
-    rounded = (np.array([F32(K_RNE + off)]).view(np.uint32)[0] + codes.astype(np.int64) - off).astype(np.int64)
+    if words == "rounded":
+        rounded = (np.array([F32(K_RNE + off)]).view(np.uint32)[0] + codes.astype(np.int64) - off).astype(np.int64)
+    else:
+        rounded = codes.astype(np.int64)
     packed = b"".join(lean_pack([int(w) for w in row], bits) for row in rounded)
     expected = codec_reference._pack(torch.from_numpy(codes.reshape(1, -1)), bits).numpy().tobytes()
     assert packed == expected
