@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gpu
 def compress16_path(request, monkeypatch):
     """Every test on both compress paths of the CUDA kernels for 16-bit inputs: the established
     one and the lean one (SPLITLORA_CODEC_LEAN16=1, csrc/codec_cuda.cu), which must give the same
-    packets. Float32 inputs and stochastic rounding take the established path either way."""
+    packets, with either rounding. Float32 inputs take the established path either way."""
     monkeypatch.setenv("SPLITLORA_CODEC_LEAN16", request.param)
     return request.param
 
