@@ -81,7 +81,11 @@ def walk_chunk(block: str, verbose: bool = False) -> int:
                 addr = target
                 continue
             skipped = [ins[a] for a in order[index[addr] + 1:index.get(target, index[addr] + 1)]]
-            head = [ins[a] for a in order[index[target]:index[target] + 8]] if target in index else []
+            head = []  # the target's straight-line block: up to its first branch or sync
+            for a in order[index.get(target, len(order)):]:
+                if re.match(r"(@!?U?P\w+\s+)?(BRA|BSYNC|EXIT)\b", ins[a]):
+                    break
+                head.append(ins[a])
             # Not taken: the jump to the chunk's end (the all-zero group; the end is the BSYNC of
             # the chunk's outermost BSSY) or to the non-finite block (it stores the flag). Taken: a
             # jump over a slow-path call.
