@@ -333,7 +333,8 @@ def main(argv=None) -> int:
                         "--set: that folder + '-quick')")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: 1 on the CPU sizes, torch's default on the GPU sizes)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for every run (applied last: wins over the run's own)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="extra config override for every run (applied last: wins over the run's own)")
     parser.add_argument("--report", action="store_true", help="run bench.report afterwards")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
