@@ -43,7 +43,11 @@ def compile_cubin(arch: str, out: Path) -> None:
            "-DSPLITLORA_WITH_CUDA=1", f"-I{out.parent / 'stub'}", f"-I{include}",
            f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
            f"-I{ROOT / 'csrc'}", "-o", str(out), str(ROOT / "csrc" / "codec_cuda.cu")]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if " error" in line or "error:" in line]
+        raise RuntimeError(f"nvcc could not compile csrc/codec_cuda.cu for {arch} (exit {done.returncode}):\n"
+                           + "\n".join(errors[:20] or done.stderr.splitlines()[-20:]))
 
 
 def functions(sass: str):
