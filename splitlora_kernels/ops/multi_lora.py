@@ -57,7 +57,7 @@ import torch
 # The submodule, not the function of the same name that splitlora_kernels.ops re-exports.
 _ll = importlib.import_module(__package__ + ".lora_linear")
 from .lora_linear import MAX_TRITON_RANK, _KERNEL_DTYPES, _TRITON_IMPORT_ERROR, tl, triton
-from .reference import lora_linear_reference
+from .reference import check_dropout_p, lora_linear_reference
 
 if _TRITON_IMPORT_ERROR is None:
     from .lora_linear import _apply_dropout, _colpass_body, _keep_mask, _mm, _mma, _sum_splits
@@ -428,12 +428,6 @@ def _normalize_offsets(offsets, G: int, M: int, name: str) -> List[int]:
     return offs
 
 
-def check_dropout_p(dropout_p, name: str = "multi_lora_linear") -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{name}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
-
-
 def multi_lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -742,7 +736,7 @@ def multi_lora_linear(
     `multi_lora_linear_backend` tells which one serves a call. `offsets` may be a list or a 1-D
     integer tensor (a CUDA tensor costs a device sync: it is read on the host)."""
     offs, scal = check_multi_lora_args(x, weight, lora_as, lora_bs, scalings, offsets, bias)
-    p = check_dropout_p(dropout_p)
+    p = check_dropout_p(dropout_p, "multi_lora_linear")
     if not training:
         p = 0.0
     backend = multi_lora_linear_backend(x, lora_as)

@@ -31,6 +31,14 @@ def lora_linear_reference(
     return base + scaling * low_rank
 
 
+def check_dropout_p(dropout_p, name: str) -> float:
+    """The dropout probability as a float; ValueError (prefixed with the op's `name`) unless it is a
+    real number in [0, 1). One check shared by every LoRA op, so their messages cannot drift apart."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -82,5 +90,4 @@ def check_lora_linear_args(
             raise ValueError(f"lora_linear: {name} must be on x's device ({x.device}), got {t.device}")
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
         raise ValueError(f"lora_linear: scaling must be a finite Python number (lora_alpha / r), got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_dropout_p(dropout_p, "lora_linear")
