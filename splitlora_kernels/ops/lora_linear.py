@@ -133,6 +133,60 @@ def _apply_dropout(tile, rows64, cols, n_cols, seed, p_drop, drop_scale):
     return tl.where(keep, tile.to(tl.float32) * drop_scale, 0.0).to(tile.dtype)
 
 
+@triton.jit
+def _thin_product(
+    in_ptr, proj_ptr, rows64, row_mask, offs_r, r_mask, K,
+    stride_im, stride_ik, stride_pk, stride_pr, seed, p_drop, drop_scale,
+    IN_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """L [BLOCK_M, R_PAD] = dropout(in[rows, :K]) @ proj[:R, :K].T for the row passes of
+    lora_linear and multi_lora (padded rank lanes masked by r_mask are zero)."""
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        tile = tl.load(in_ptr + rows64[:, None] * stride_im + cols[None, :] * stride_ik,
+                       mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if IN_DROPOUT:
+            tile = _apply_dropout(tile, rows64, cols, K, seed, p_drop, drop_scale)
+        proj = tl.load(proj_ptr + cols[:, None] * stride_pk + offs_r[None, :] * stride_pr,
+                       mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _mma(tile, proj, acc, UPCAST, PRECISION)
+    # Rounded to the input dtype like the unfused computation rounds x @ A.T (or dY @ B), and so
+    # that the epilogue's dot runs on tensor cores.
+    return acc.to(in_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _lowrank_epilogue(
+    l, up_ptr, out_ptr, bias_ptr, rows64, row_mask, offs_r, r_mask, n_lo, n_hi, N,
+    stride_ur, stride_un, stride_om, stride_on, stride_bias,
+    seed, p_drop, drop_scale, scaling,
+    OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[rows, n_lo:n_hi] = s * l @ up[:R, n_lo:n_hi] (+ bias), through the dropout mask of an
+    [M, N] x with OUT_DROPOUT: the row passes' low-rank term of y (forward) or dX (backward)."""
+    if not OUT_DROPOUT:
+        l = (l.to(tl.float32) * scaling).to(l.dtype)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = cols_n < N
+        up = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols_n[None, :] * stride_un,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        term = _mm(l, up, UPCAST, PRECISION)
+        if OUT_DROPOUT:
+            # dX of the low-rank branch passes back through the dropout that fed it: the mask of
+            # x at these indices, regenerated from the seed.
+            keep = _keep_mask(rows64, cols_n, N, seed, p_drop)
+            term = tl.where(keep, term * scaling * drop_scale, 0.0)
+        if HAS_BIAS:
+            term += tl.load(bias_ptr + cols_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows64[:, None] * stride_om + cols_n[None, :] * stride_on,
+                 term.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _lora_rowpass_kernel(
     in_ptr, proj_ptr, l_ptr, out_ptr, up_ptr, bias_ptr,
@@ -162,43 +216,19 @@ def _lora_rowpass_kernel(
         n_lo = tl.program_id(1) * BLOCK_N
         n_hi = n_lo + BLOCK_N
     else:
-        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_mask = cols < K
-            tile = tl.load(in_ptr + rows64[:, None] * stride_im + cols[None, :] * stride_ik,
-                           mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            if IN_DROPOUT:
-                tile = _apply_dropout(tile, rows64, cols, K, seed, p_drop, drop_scale)
-            proj = tl.load(proj_ptr + cols[:, None] * stride_pk + offs_r[None, :] * stride_pr,
-                           mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-            acc = _mma(tile, proj, acc, UPCAST, PRECISION)
-        # Rounded to the input dtype like the unfused computation rounds x @ A.T (or dY @ B), and
-        # so that the epilogue's dot runs on tensor cores.
-        l = acc.to(in_ptr.dtype.element_ty)
+        l = _thin_product(in_ptr, proj_ptr, rows64, row_mask, offs_r, r_mask, K,
+                          stride_im, stride_ik, stride_pk, stride_pr, seed, p_drop, drop_scale,
+                          IN_DROPOUT, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_K)
         if STORE_L:
             tl.store(l_ptr + rows64[:, None] * stride_lm + offs_r[None, :] * stride_lr, l,
                      mask=row_mask[:, None] & r_mask[None, :])
         n_lo = 0
         n_hi = N
     if EPILOGUE:
-        if not OUT_DROPOUT:
-            l = (l.to(tl.float32) * scaling).to(l.dtype)
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            cols_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = cols_n < N
-            up = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols_n[None, :] * stride_un,
-                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            term = _mm(l, up, UPCAST, PRECISION)
-            if OUT_DROPOUT:
-                # dX of the low-rank branch passes back through the dropout that fed it: the mask
-                # of x at these indices, regenerated from the seed.
-                keep = _keep_mask(rows64, cols_n, N, seed, p_drop)
-                term = tl.where(keep, term * scaling * drop_scale, 0.0)
-            if HAS_BIAS:
-                term += tl.load(bias_ptr + cols_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows64[:, None] * stride_om + cols_n[None, :] * stride_on,
-                     term.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        _lowrank_epilogue(l, up_ptr, out_ptr, bias_ptr, rows64, row_mask, offs_r, r_mask, n_lo, n_hi, N,
+                          stride_ur, stride_un, stride_om, stride_on, stride_bias,
+                          seed, p_drop, drop_scale, scaling,
+                          OUT_DROPOUT, HAS_BIAS, UPCAST, PRECISION, BLOCK_N)
 
 
 @triton.jit

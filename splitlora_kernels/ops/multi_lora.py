@@ -60,9 +60,9 @@ from .lora_linear import MAX_TRITON_RANK, _KERNEL_DTYPES, _TRITON_IMPORT_ERROR, 
 from .reference import check_dropout_p, lora_linear_reference
 
 if _TRITON_IMPORT_ERROR is None:
-    from .lora_linear import _apply_dropout, _colpass_body, _keep_mask, _mm, _mma, _sum_splits
+    from .lora_linear import _colpass_body, _lowrank_epilogue, _sum_splits, _thin_product
 else:  # the kernels below are parsed, never run
-    _apply_dropout = _colpass_body = _keep_mask = _mm = _mma = _sum_splits = None
+    _colpass_body = _lowrank_epilogue = _sum_splits = _thin_product = None
 
 logger = logging.getLogger(__name__)
 
@@ -135,41 +135,17 @@ def _multi_rowpass_kernel(
                 s_un = rank
             row_mask = (rows >= lo) & (rows < hi)
             r_mask = offs_r < rank
-            acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_mask = cols < K
-                tile = tl.load(in_ptr + rows64[:, None] * stride_im + cols[None, :] * stride_ik,
-                               mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-                if IN_DROPOUT:
-                    tile = _apply_dropout(tile, rows64, cols, K, seed, p_drop, drop_scale)
-                proj = tl.load(p_base + cols[:, None] * s_pk + offs_r[None, :] * s_pr,
-                               mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-                acc = _mma(tile, proj, acc, UPCAST, PRECISION)
-            # Rounded to the input dtype like the unfused x @ A.T (or dY @ B), as in lora_linear.
-            l = acc.to(in_ptr.dtype.element_ty)
+            l = _thin_product(in_ptr, p_base, rows64, row_mask, offs_r, r_mask, K,
+                              stride_im, stride_ik, s_pk, s_pr, seed, p_drop, drop_scale,
+                              IN_DROPOUT, R_PAD, UPCAST, PRECISION, BLOCK_M, BLOCK_K)
             if STORE_L:
                 tl.store(l_ptr + rows64[:, None] * stride_lm + offs_r[None, :] * stride_lr, l,
                          mask=row_mask[:, None] & r_mask[None, :])
             if EPILOGUE:
-                if not OUT_DROPOUT:
-                    l = (l.to(tl.float32) * scaling).to(l.dtype)
-                for n0 in range(0, N, BLOCK_N):
-                    cols_n = n0 + tl.arange(0, BLOCK_N)
-                    n_mask = cols_n < N
-                    up = tl.load(u_base + offs_r[:, None] * s_ur + cols_n[None, :] * s_un,
-                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    term = _mm(l, up, UPCAST, PRECISION)
-                    if OUT_DROPOUT:
-                        # dX of the low-rank branch passes back through the dropout that fed it
-                        # (as in lora_linear's row pass).
-                        keep = _keep_mask(rows64, cols_n, N, seed, p_drop)
-                        term = tl.where(keep, term * scaling * drop_scale, 0.0)
-                    if HAS_BIAS:
-                        term += tl.load(bias_ptr + cols_n * stride_bias, mask=n_mask,
-                                        other=0.0).to(tl.float32)[None, :]
-                    tl.store(out_ptr + rows64[:, None] * stride_om + cols_n[None, :] * stride_on,
-                             term.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+                _lowrank_epilogue(l, u_base, out_ptr, bias_ptr, rows64, row_mask, offs_r, r_mask, 0, N, N,
+                                  s_ur, s_un, stride_om, stride_on, stride_bias,
+                                  seed, p_drop, drop_scale, scaling,
+                                  OUT_DROPOUT, HAS_BIAS, UPCAST, PRECISION, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["seed"])
