@@ -5,6 +5,7 @@ import math
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 from splitlora import codec
@@ -104,3 +105,19 @@ def rewrite_header(packet: torch.Tensor, *, fix_crc=True, **changes) -> torch.Te
 
 def has_cpp_cpu() -> bool:
     return codec.backend_for("cpu") == "cpp-cpu"
+
+
+def finite_nonnegative_16bit(dtype: torch.dtype) -> np.ndarray:
+    """Every finite non-negative bfloat16 or float16 value, ascending, as float32."""
+    if dtype == torch.bfloat16:
+        return (np.arange(0, 0x7F80, dtype=np.uint32) << 16).view(np.float32)
+    return np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def absmax_spread(dtype: torch.dtype) -> np.ndarray:
+    """Absmax values from subnormal to the largest finite, plus a random sample."""
+    values = finite_nonnegative_16bit(dtype)
+    picks = [1, 2, 3, len(values) // 4, len(values) // 2, len(values) - 2, len(values) - 1]
+    rng = np.random.default_rng(0)
+    picks += list(rng.integers(len(values) // 3, len(values) - 1, size=9))  # the usual activation range
+    return values[np.array(picks)]

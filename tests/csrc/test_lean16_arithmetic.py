@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from codec_testutil import absmax_spread, finite_nonnegative_16bit
 from splitlora import codec_reference
 
 F32, F64 = np.float32, np.float64
@@ -102,16 +103,10 @@ def _div32(a, b) -> np.ndarray:
     return (torch.from_numpy(np.asarray(a, F32)) / torch.full((1,), float(b), dtype=torch.float32)).numpy()
 
 
-def _finite_nonnegative_16bit(dtype: torch.dtype) -> np.ndarray:
-    if dtype == torch.bfloat16:
-        return (np.arange(0, 0x7F80, dtype=np.uint32) << 16).view(F32)
-    return np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(F32)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("qmax", [127, 7])
 def test_lean_scale_equals_ieee_division_for_every_16bit_absmax(dtype, qmax):
-    m = _finite_nonnegative_16bit(dtype)
+    m = finite_nonnegative_16bit(dtype)
     ieee = (torch.from_numpy(m) / torch.full_like(torch.from_numpy(m), float(qmax))).numpy()
     lean = lean_scale(m, qmax)
     mismatch = np.nonzero(lean.view(np.uint32) != ieee.view(np.uint32))[0]
@@ -121,23 +116,14 @@ def test_lean_scale_equals_ieee_division_for_every_16bit_absmax(dtype, qmax):
         assert nonzero.min() >= 2.0**-125 and nonzero.max() <= 2.0**125
 
 
-def _absmax_spread(dtype: torch.dtype) -> np.ndarray:
-    """Absmax values from subnormal to the largest finite, plus a random sample."""
-    values = _finite_nonnegative_16bit(dtype)
-    picks = [1, 2, 3, len(values) // 4, len(values) // 2, len(values) - 2, len(values) - 1]
-    rng = np.random.default_rng(0)
-    picks += list(rng.integers(len(values) // 3, len(values) - 1, size=9))  # the usual activation range
-    return values[np.array(picks)]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("rcp_ulps", [-1, 0, 1], ids=["rcp-1ulp", "rcp-exact", "rcp+1ulp"])
 def test_lean_codes_equal_reference_codes_for_every_16bit_value(dtype, bits, rcp_ulps):
     qmax = (1 << (bits - 1)) - 1
-    all_values = _finite_nonnegative_16bit(dtype)
+    all_values = finite_nonnegative_16bit(dtype)
     fast_elements = total = 0
-    for m in _absmax_spread(dtype):
+    for m in absmax_spread(dtype):
         mag = all_values[all_values <= m]
         v = np.concatenate([mag, -mag])  # every value a group with this absmax can hold
         scale = lean_scale(np.array([m], F32), qmax)[0]
