@@ -42,7 +42,7 @@ def lean16(tmp_path_factory):
         pytest.skip(f"the shim's float32 arithmetic is only exact where the compiler keeps float in "
                     f"float32 registers (x86-64, AArch64), not on {platform.machine()}")
     lib = tmp_path_factory.mktemp("lean16") / "liblean16.so"
-    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror",
+    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall",
            "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "csrc" / "lean16_host.cpp"),
            "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True)
