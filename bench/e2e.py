@@ -234,11 +234,13 @@ def child(spec: dict) -> int:
         torch.set_num_threads(spec["threads"])
     # float32 products on tensor cores (TF32) on the GPU sizes: the fused LoRA kernels already
     # take float32 operands as TF32 unless the precision is "highest", and cuBLAS then does too.
-    torch.set_float32_matmul_precision(SIZES[spec["size"]].get("matmul_precision", "highest"))
+    # Series of other entry points (bench.hetero's "hetero") are no size of this file: defaults.
+    settings = SIZES.get(spec["size"], {})
+    torch.set_float32_matmul_precision(settings.get("matmul_precision", "highest"))
     # The fused LoRA kernels' fixed tiles on the GPU sizes: autotuning compiles and times every tile
     # config once per layer shape and power-of-two bucket of token counts, about 100 s per bucket
     # for GPT-2 medium on an H100, which the measured training time of a short run would carry.
-    if not SIZES[spec["size"]].get("triton_autotune", True):
+    if not settings.get("triton_autotune", True):
         os.environ.setdefault("SPLITLORA_TRITON_AUTOTUNE", "0")
     cfg = load_config(ROOT / spec["config"], spec["overrides"])
     started = datetime.datetime.now(datetime.timezone.utc)
