@@ -240,6 +240,27 @@ def hetero_fedavg_delta(states: Sequence[Mapping[str, torch.Tensor]], weights: S
 
 
 @torch.no_grad()
+def truncate_product(a: torch.Tensor, b: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A_k [k, in], B_k [out, k]) whose product B_k @ A_k is the best rank-k approximation of
+    b @ a (a [R, in], b [out, R]; k = min(rank, R, in, out)), the singular values split evenly
+    between the two factors. Computed from the factors: a QR of each and the SVD of the small
+    [R, R] core, never the [out, in] product; in float64, returned in a's and b's dtypes."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise ValueError(f"truncate_product: a must be [R, in] and b [out, R] with the same R, got a "
+                         f"{tuple(a.shape)} and b {tuple(b.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"truncate_product: rank must be an integer >= 1, got {rank!r}")
+    qb, rb = torch.linalg.qr(b.detach().to(torch.float64))      # b = qb rb
+    qa, ra = torch.linalg.qr(a.detach().to(torch.float64).t())  # a.T = qa ra
+    u, s, vh = torch.linalg.svd(rb @ ra.t())                     # b @ a = qb (u s vh) qa.T
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    b_k = (qb @ u[:, :k]) * root
+    a_k = root[:, None] * (vh[:k] @ qa.t())
+    return a_k.to(a.dtype), b_k.to(b.dtype)
+
+
+@torch.no_grad()
 def fold_into_weight(weight: torch.Tensor, delta: torch.Tensor, *, fan_in_fan_out: bool = False) -> torch.Tensor:
     """weight += delta, in place (accumulated in float32 at least), and returns weight.
 

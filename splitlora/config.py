@@ -48,7 +48,7 @@ __all__ = [
     "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig", "FedCyBGDConfig",
     "FEDCYBGD_ORDERS", "FEDCYBGD_BLOCKS", "FEDCYBGD_DOWNLOADS", "FEDCYBGD_DOWNLOAD_BITS",
     "HSplitLoRAConfig", "HSPLITLORA_AGGREGATIONS", "HSPLITLORA_IMPORTANCE", "HSPLITLORA_DEVICE_KEYS",
-    "HSPLITLORA_CONFIGURATIONS", "HSPLITLORA_SERVER_ADAPTERS",
+    "HSPLITLORA_CONFIGURATIONS", "HSPLITLORA_SERVER_ADAPTERS", "HSPLITLORA_RESTARTS",
     "load_config", "config_from_dict", "config_to_dict", "dump_config", "apply_overrides",
     "validate", "validate_model_layers",
 ]
@@ -76,6 +76,7 @@ HSPLITLORA_IMPORTANCE = ("sensitivity", "gradient")
 HSPLITLORA_DEVICE_KEYS = ("count", "tflops", "memory_gib", "bandwidth_mbps", "latency_ms")
 HSPLITLORA_CONFIGURATIONS = ("per_client", "weakest")
 HSPLITLORA_SERVER_ADAPTERS = ("shared", "per_client")
+HSPLITLORA_RESTARTS = ("fresh", "warm")
 # 32 = no compression (fp32 on the wire); the others are the codec's bit widths.
 CODEC_BITS = (32, 16, 8, 4, 2)
 # Same limits as the codec (splitlora.codec_reference); repeated so this module imports no torch.
@@ -259,6 +260,11 @@ class HSplitLoRAConfig:
     # stacked: noise-free (the weighted mean of the clients' updates, folded into the base weights);
     # zero_pad: HetLoRA's zero-padded averaging of A and B (the baseline).
     aggregation: str = "stacked"
+    # How the adapters restart after a stacked fold. fresh: B = 0 and a fresh A (FLoRA's restart:
+    # every round begins with the adapters' first steps again). warm: from the best rank-k
+    # approximation of the round's mean update (k: the smallest rank restarting on that weight),
+    # the rest of the update folded into the base: the same model, with adapters that carry on.
+    restart: str = "fresh"
     # per_client: each client's cut and ranks from its own budget; weakest: every client gets the
     # most constrained client's configuration (the baseline that ignores heterogeneity).
     configuration: str = "per_client"
@@ -630,6 +636,12 @@ def _validate_hsplitlora(cfg: RunConfig, errors: list[str]) -> None:
     if h.aggregation not in HSPLITLORA_AGGREGATIONS:
         errors.append(f"{p}.aggregation: {_describe(h.aggregation)} is not allowed; choose one of "
                       f"{', '.join(HSPLITLORA_AGGREGATIONS)}")
+    if h.restart not in HSPLITLORA_RESTARTS:
+        errors.append(f"{p}.restart: {_describe(h.restart)} is not allowed; choose one of "
+                      f"{', '.join(HSPLITLORA_RESTARTS)}")
+    elif cfg.strategy == "hsplitlora" and h.restart == "warm" and h.aggregation != "stacked":
+        errors.append(f"{p}.restart: warm restarts the adapters after a stacked fold; {p}.aggregation="
+                      f"{_describe(h.aggregation)} keeps them and folds nothing: use restart=fresh")
     if h.export_rank is not None:
         number(f"{p}.export_rank", h.export_rank, 1, False, integer=True)
     if h.configuration not in HSPLITLORA_CONFIGURATIONS:

@@ -43,7 +43,11 @@ from its budget and from the importance of the weights (`splitlora.hetero`):
   the stacked pairs of its layers, and every party folds B @ A into its frozen base weights (all
   segments here share one copy of the frozen weights: folded once). The clients' adapters, and
   the server's on layers a client holds, restart at their (possibly new) ranks: B = 0, fresh A,
-  new optimizer state (the learning-rate schedule carries on). A client whose cut deepens
+  new optimizer state (the learning-rate schedule carries on); with `restart: warm` they start
+  instead from the best rank-k approximation of the weight's mean update (k: the smallest rank
+  restarting on it; A's rows as long as a fresh A's, the product unchanged), only the rest of the
+  update being folded, so the model is the same and the adapters carry on (a weight some client
+  reaches through a server layer without an adapter is folded whole). A client whose cut deepens
   downloads the (folded) base weights of its new layers. `aggregation: zero_pad` is HetLoRA's
   baseline for one cut: A and B zero-padded to the largest rank and averaged separately, each
   client getting the average truncated to its ranks (not the weighted mean of the updates: it has
@@ -81,7 +85,7 @@ from splitlora_kernels.multi_layer import MultiLoRALinear, adapter_groups, multi
 from ..adapters import (LoraSpec, adapter_state, add_lora, clone_sharing_frozen, init_adapter, init_lora_pair,
                         lora_plan, whole_model_names)
 from ..aggregate import (fold_into_weight, lora_pairs, lora_scalings, reinit_adapters, stack_adapters, truncate,
-                         zero_pad_fedavg)
+                         truncate_product, zero_pad_fedavg)
 from ..hetero import (GIB, ClientPlan, ImportanceTracker, SegmentCost, client_profiles, combine_importance,
                       configure_clients_with_cuts, low_rank_factors, ranking_change, weakest_plan_for_all)
 from ..timemodel import count_params, forward_flops, train_flops
@@ -93,6 +97,7 @@ from .splitfed import _SplitBase, client_parts
 logger = logging.getLogger(__name__)
 
 AGGREGATIONS = ("stacked", "zero_pad")
+RESTARTS = ("fresh", "warm")
 # Importance scores travel in the adapters' packet under this prefix.
 IMPORTANCE_KEY = "importance:"
 HEAD = "head."
@@ -151,6 +156,11 @@ class HSplitLoRA(_SplitBase):
         hc = cfg.hsplitlora
         if hc.aggregation not in AGGREGATIONS:
             raise ValueError(f"hsplitlora.aggregation must be one of {AGGREGATIONS}, got {hc.aggregation!r}")
+        if hc.restart not in RESTARTS:
+            raise ValueError(f"hsplitlora.restart must be one of {RESTARTS}, got {hc.restart!r}")
+        if hc.restart == "warm" and hc.aggregation != "stacked":
+            raise ValueError("hsplitlora.restart=warm restarts the adapters after a stacked fold; "
+                             f"aggregation={hc.aggregation!r} keeps them: use restart=fresh")
         low = cfg.model.cut_layer if hc.min_cut_layer is None else hc.min_cut_layer
         high = cfg.model.cut_layer if hc.max_cut_layer is None else hc.max_cut_layer
         if not 1 <= low <= high <= setup.num_layers - 1:
@@ -559,14 +569,22 @@ class HSplitLoRA(_SplitBase):
         new_cuts = [p.cut_layer for p in plans]
         limit = max(old_cuts + new_cuts)
         stacked = self._aggregate(states, old_cuts, limit)
-        # Every party folds B @ A into its copy of the base weights; here they share one: fold once.
-        self._fold(stacked)
+        self.plans = plans
+        seed = self._seed(round_index + 1)
+        for c in range(n):
+            self._restart_adapters(c, seed)
+        self._restart_server_adapters(limit, seed)
+        warm = self._warm_start(stacked, limit) if self.hc.restart == "warm" else {}
+        # Every party folds B @ A (less its warm start) into its copy of the base weights; here
+        # they share one: fold once.
+        self._fold(stacked, warm)
         layer_of = {full: self._layer_of_full(full) for full in stacked}
         down = []
         for c in range(n):
-            # The stacked pairs of the layers the client keeps, and the (folded) base weights of any
-            # layer it newly holds.
-            keep = min(old_cuts[c], new_cuts[c])
+            # The stacked pairs of the layers the client keeps (with a warm restart: of every layer
+            # it holds next round, its adapters' start comes from them), and the (folded) base
+            # weights of any layer it newly holds.
+            keep = new_cuts[c] if warm else min(old_cuts[c], new_cuts[c])
             payload = {}
             for full, (a, b) in stacked.items():
                 if layer_of[full] is not None and layer_of[full] < keep:
@@ -575,12 +593,61 @@ class HSplitLoRA(_SplitBase):
             down.append(self._send_adapters(SERVER, client_name(c), step, payload) if payload else 0)
             if payload:
                 self._recv_adapters(client_name(c), SERVER, step)
-        self.plans = plans
-        seed = self._seed(round_index + 1)
-        for c in range(n):
-            self._restart_adapters(c, seed)
-        self._restart_server_adapters(limit, seed)
         return down
+
+    @torch.no_grad()
+    def _warm_start(self, stacked, limit: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """restart=warm, once the adapters restarted: in its first k ranks, every adapter restarting
+        on a folded weight starts from (A_k, B_k), the best rank-k approximation of the weight's
+        stacked mean update (`truncate_product`; k the smallest rank among those adapters), so that
+        its scaling * B @ A there is B_k @ A_k; its other ranks stay as restarted (B = 0, fresh A).
+        Returns the (A_k, B_k) per whole-model name: the part of the update the fold leaves to the
+        adapters. Needs self.plans at the next round's configuration."""
+        targets: Dict[str, list] = {}
+        for part in {id(p): p for p in self.parts}.values():
+            scalings = lora_scalings(part)
+            for m, module in lora_modules(part).items():
+                full = self._whole[m]
+                if full in stacked:
+                    targets.setdefault(full, []).append((module.lora_A, module.lora_B, scalings[m]))
+        if self._multi:
+            for name, multi in self._multi.items():
+                full = self.server.full_model_name(name)
+                if full in stacked:
+                    targets.setdefault(full, []).extend(
+                        (multi.lora_A[c], multi.lora_B[c], multi.scaling(c)) for c in range(len(multi.ranks)))
+        else:
+            scalings = lora_scalings(self.server)
+            for name, module in lora_modules(self.server).items():
+                layer = self._server_layer[name]
+                full = self.server.full_model_name(name)
+                if layer is not None and layer < limit and full in stacked:
+                    targets.setdefault(full, []).append((module.lora_A, module.lora_B, scalings[name]))
+        # A weight that some client reaches through a server layer without an adapter on it (a
+        # client-only target module below a deeper client's cut) has nowhere to keep a warm part on
+        # that path: it is folded whole, and its adapters restart fresh.
+        server_targets = ({self.server.full_model_name(name) for name in self._multi} if self._multi else
+                          {self.server.full_model_name(name) for name in lora_modules(self.server)})
+        cuts = self._cuts()
+        warm = {}
+        for full, adapters in targets.items():
+            layer = self._layer_of_full(full)
+            if full not in server_targets and layer is not None and any(cut <= layer for cut in cuts):
+                continue
+            a, b = stacked[full]
+            a_k, b_k = truncate_product(a, b, min(lora_a.shape[0] for lora_a, _, _ in adapters))
+            k = a_k.shape[0]
+            row_norms = a_k.norm(dim=1).clamp_min(torch.finfo(a_k.dtype).tiny)
+            for lora_a, lora_b, scaling in adapters:
+                # Rows of A as long as the restart drew them (the product unchanged): A's scale sets
+                # how fast B learns, and the update's own scale (sqrt of its singular values) is
+                # far smaller than a fresh A's.
+                fresh = lora_a.detach().to(a_k.dtype).norm(dim=1).mean()
+                ratio = (fresh / row_norms)[:, None]
+                lora_a[:k].copy_((a_k * ratio).to(lora_a.dtype))
+                lora_b[:, :k].copy_((b_k / ratio.t() / scaling).to(lora_b.dtype))
+            warm[full] = (a_k, b_k)
+        return warm
 
     def _layer_of_full(self, full: str) -> Optional[int]:
         for segment in (self._templates[self.cuts[-1]], self.server):
@@ -605,10 +672,14 @@ class HSplitLoRA(_SplitBase):
         return out
 
     @torch.no_grad()
-    def _fold(self, stacked) -> None:
+    def _fold(self, stacked, warm) -> None:
         for full, (a, b) in stacked.items():
             weight, fan_in_fan_out = self._foldable[full]
-            fold_into_weight(weight, b @ a, fan_in_fan_out=fan_in_fan_out)
+            delta = _upcast(b) @ _upcast(a)
+            if full in warm:  # what the adapters restart from stays out of the base
+                a_k, b_k = warm[full]
+                delta = delta - _upcast(b_k) @ _upcast(a_k)
+            fold_into_weight(weight, delta, fan_in_fan_out=fan_in_fan_out)
 
     @torch.no_grad()
     def _restart_server_adapters(self, limit: int, seed: int) -> None:

@@ -5,7 +5,7 @@ from torch import nn
 
 from splitlora.aggregate import (fedavg, fold_into_model, fold_into_weight, hetero_fedavg_delta,
                                  hetero_fedavg_stacked, lora_pairs, lora_ranks, lora_scalings, reinit_adapters,
-                                 stack_adapters, truncate, zero_pad_fedavg)
+                                 stack_adapters, truncate, truncate_product, zero_pad_fedavg)
 
 IN, OUT = 12, 10
 MODULES = ("layers.0.q", "layers.1.v")
@@ -216,3 +216,34 @@ def _copy(m):
     import copy
 
     return copy.deepcopy(m)
+
+
+def test_truncate_product_is_the_best_rank_k_approximation_from_the_factors():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(9, IN, generator=g, dtype=torch.float64)
+    b = torch.randn(OUT, 9, generator=g, dtype=torch.float64)
+    full = b @ a
+    u, s, vh = torch.linalg.svd(full)
+    for k in (1, 3, 9):
+        a_k, b_k = truncate_product(a, b, k)
+        assert a_k.shape == (k, IN) and b_k.shape == (OUT, k)
+        best = (u[:, :k] * s[:k]) @ vh[:k]  # Eckart-Young: the best rank-k approximation
+        torch.testing.assert_close(b_k @ a_k, best, rtol=0, atol=1e-10)
+        # The singular values are split evenly: A_k's rows and B_k's columns have the same norms.
+        torch.testing.assert_close(a_k.norm(dim=1), b_k.norm(dim=0), rtol=1e-10, atol=0)
+    # A rank above the product's keeps all of it (k stops at min(R, in, out)).
+    a_k, b_k = truncate_product(a, b, 50)
+    assert a_k.shape[0] == 9
+    torch.testing.assert_close(b_k @ a_k, full, rtol=0, atol=1e-10)
+    # float32 factors come back in float32.
+    a32, b32 = truncate_product(a.float(), b.float(), 2)
+    assert a32.dtype == b32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank, match", [
+    ((4, IN), (OUT, 3), 2, "same R"),
+    ((4, IN), (OUT, 4), 0, "rank must be an integer >= 1"),
+])
+def test_truncate_product_errors(a_shape, b_shape, rank, match):
+    with pytest.raises(ValueError, match=match):
+        truncate_product(torch.zeros(a_shape), torch.zeros(b_shape), rank)

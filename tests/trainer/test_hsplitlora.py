@@ -1,5 +1,6 @@
 """HSplitLoRA: budgets, importance, reconfiguration, noise-free fold, learning, resume, CLI."""
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -321,6 +322,9 @@ def test_cli_trains_the_shipped_config_and_exports_the_folded_update(tmp_path, c
     ("hsplitlora.server_adapters=each", "hsplitlora.server_adapters"),
     ("hsplitlora.server_adapters=per_client hsplitlora.aggregation=zero_pad hsplitlora.min_cut_layer=2",
      "hsplitlora.server_adapters: per_client needs hsplitlora.aggregation=stacked"),
+    ("hsplitlora.restart=hot", "hsplitlora.restart"),
+    ("hsplitlora.restart=warm hsplitlora.aggregation=zero_pad hsplitlora.min_cut_layer=2",
+     "hsplitlora.restart: warm restarts the adapters after a stacked fold"),
 ])
 def test_config_errors_name_the_key(override, key):
     from splitlora.config import ConfigError, load_config
@@ -519,6 +523,53 @@ def test_per_client_server_adapters_run_in_one_launch_and_fold_exactly(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(strategy.logits_fn()(batch["input_ids"], batch["attention_mask"]), via_fast,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("server_adapters", ["shared", "per_client"])
+def test_warm_restart_keeps_the_model_and_starts_every_adapter_from_the_update(tmp_path, server_adapters):
+    # Clients at cuts 2, 1, 1 with unequal ranks: the layer-1 weight restarts in the fast client's
+    # adapter and in the server's (shared, or each slow client's), at different ranks.
+    built, strategy = _start(tiny_config(tmp_path, "strategy=hsplitlora", "train.clients=3", "lora.client.r=4",
+                                         f"hsplitlora.server_adapters={server_adapters}", "hsplitlora.restart=warm",
+                                         "data.pad_to=dataset", *CUTS))
+    for step in range(2):
+        built.setup.transport.set_round(0)
+        strategy.train_step(step)
+    batch = built.eval_data.batch(list(range(4)))
+    strategy.train(False)
+    with torch.no_grad():
+        before = strategy.logits_fn()(batch["input_ids"], batch["attention_mask"])
+    strategy.train(True)
+    strategy.end_round(1)
+    strategy.train(False)
+    with torch.no_grad():
+        after = strategy.logits_fn()(batch["input_ids"], batch["attention_mask"])
+    # The same model: the round's exact mean update, now part base and part adapters...
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    # ...which every client computes through its own adapters and the server's (its own there,
+    # with per-client server adapters), where a fresh restart would leave every B at zero. Layer
+    # 1's c_proj weights are client-only targets that the slow clients reach through the server,
+    # which has no adapter there: folded whole, their adapters restart fresh.
+    for c, part in enumerate(strategy.parts):
+        cut = strategy.plans[c].cut_layer
+        got = (_through_as(strategy, part, cut, batch, c) if server_adapters == "per_client"
+               else _through(strategy, part, cut, batch))
+        torch.testing.assert_close(got, after, rtol=1e-5, atol=1e-5, msg=f"client {c}")
+        for name, module in lora_modules(part).items():
+            folded_whole = name.startswith("head.h.1.") and not name.endswith("c_attn")
+            assert (float(module.lora_B.detach().abs().max()) == 0) == folded_whole, (c, name)
+    # A restarted adapter starts from the update in its first k ranks (k: the smallest rank
+    # restarting on that weight); the ranks beyond start as fresh ones, B = 0.
+    fast = lora_modules(strategy.parts[0]["head"])
+    slow = lora_modules(strategy.parts[1]["head"])
+    k = slow["h.0.attn.c_attn"].lora_A.shape[0]
+    wide = fast["h.0.attn.c_attn"]
+    assert wide.lora_A.shape[0] > k
+    assert float(wide.lora_B.detach()[:, k:].abs().max()) == 0 and float(wide.lora_B.detach()[:, :k].abs().max()) > 0
+    # Training carries on from there.
+    strategy.train(True)
+    built.setup.transport.set_round(1)
+    assert math.isfinite(strategy.train_step(2).loss)
 
 
 def test_per_client_server_adapters_resume_and_export(tmp_path):
