@@ -3,7 +3,8 @@
     python -m bench.sass_count [--arch sm_90] [--cubin FILE]
 
 Compiles csrc/codec_cuda.cu to a cubin with nvcc (or reads --cubin), disassembles it with
-cuobjdump (`pip install nvidia-cuda-cuobjdump` brings one: its bin/ folder must be on PATH) and, for
+cuobjdump, which runs nvdisasm (`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` brings both:
+their bin/ folder must be on PATH) and, for
 every round-to-nearest compress kernel, walks the instructions of one thread's second chunk (the
 first chunk shares its instructions with the set-up) along the common path: a finite group with a
 nonzero scale whose elements all take the fast rounding, i.e. past the non-finite and all-zero
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cubin", default=None, help="a cubin of csrc/codec_cuda.cu (default: compile one)")
     parser.add_argument("--verbose", action="store_true", help="print the walked instructions")
     args = parser.parse_args(argv)
-    for tool, hint in (("nvcc", "the CUDA toolkit"), ("cuobjdump", "pip install nvidia-cuda-cuobjdump, then put its "
-                                                                    "nvidia/cu13/bin folder on PATH")):
+    wheels = "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, then put their nvidia/cu13/bin folder on PATH"
+    for tool, hint in (("nvcc", "the CUDA toolkit"), ("cuobjdump", wheels), ("nvdisasm", wheels)):
         if tool == "nvcc" and args.cubin:
             continue
         if shutil.which(tool) is None:
