@@ -86,6 +86,7 @@ from ..adapters import (LoraSpec, adapter_state, add_lora, clone_sharing_frozen,
                         lora_plan, whole_model_names)
 from ..aggregate import (fold_into_weight, lora_pairs, lora_scalings, reinit_adapters, stack_adapters, truncate,
                          truncate_product, zero_pad_fedavg)
+from ..config import HSPLITLORA_AGGREGATIONS, HSPLITLORA_RESTARTS
 from ..hetero import (GIB, ClientPlan, ImportanceTracker, SegmentCost, client_profiles, combine_importance,
                       configure_clients_with_cuts, low_rank_factors, ranking_change, weakest_plan_for_all)
 from ..timemodel import count_params, forward_flops, train_flops
@@ -96,8 +97,6 @@ from .splitfed import _SplitBase, client_parts
 
 logger = logging.getLogger(__name__)
 
-AGGREGATIONS = ("stacked", "zero_pad")
-RESTARTS = ("fresh", "warm")
 # Importance scores travel in the adapters' packet under this prefix.
 IMPORTANCE_KEY = "importance:"
 HEAD = "head."
@@ -154,10 +153,11 @@ class HSplitLoRA(_SplitBase):
         if cfg.train.u_shape:
             raise ValueError("strategy hsplitlora does not support train.u_shape; set train.u_shape=false")
         hc = cfg.hsplitlora
-        if hc.aggregation not in AGGREGATIONS:
-            raise ValueError(f"hsplitlora.aggregation must be one of {AGGREGATIONS}, got {hc.aggregation!r}")
-        if hc.restart not in RESTARTS:
-            raise ValueError(f"hsplitlora.restart must be one of {RESTARTS}, got {hc.restart!r}")
+        if hc.aggregation not in HSPLITLORA_AGGREGATIONS:
+            raise ValueError(f"hsplitlora.aggregation must be one of {HSPLITLORA_AGGREGATIONS}, "
+                             f"got {hc.aggregation!r}")
+        if hc.restart not in HSPLITLORA_RESTARTS:
+            raise ValueError(f"hsplitlora.restart must be one of {HSPLITLORA_RESTARTS}, got {hc.restart!r}")
         if hc.restart == "warm" and hc.aggregation != "stacked":
             raise ValueError("hsplitlora.restart=warm restarts the adapters after a stacked fold; "
                              f"aggregation={hc.aggregation!r} keeps them: use restart=fresh")

@@ -28,7 +28,7 @@ from codec_testutil import absmax_spread, activations, finite_nonnegative_16bit
 from splitlora import _ops, codec
 
 ROOT = Path(__file__).resolve().parents[2]
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}  # codec.h's kDtypeF16, kDtypeBF16
+HEADER = codec.HEADER_BYTES
 DTYPES = [torch.bfloat16, torch.float16]
 DTYPE_IDS = ["bf16", "fp16"]
 
@@ -58,30 +58,31 @@ def cpu_packet(x, bits, group_size, stochastic, seed):
     """The CPU kernels' packet and non-finite flag (the op, so non-finite input gives a packet too)."""
     header = list(codec._build_header(x.dtype, tuple(x.shape), bits, group_size, stochastic))
     packet, flag = _ops.compress(x, header, bits, group_size, stochastic, seed)
-    return packet.numpy(), int(flag.item())
+    return packet, int(flag.item())
 
 
-def lean_packet(lib, x, bits, group_size, stochastic, seed, rcp_ulps=0):
-    """The host build's packet (scales and codes; the header bytes are left zero) and flag."""
-    numel = x.numel()
-    groups = -(-numel // group_size)
-    codes_off = 96 + -(-4 * groups // 16) * 16  # scales padded to a multiple of 16 bytes (codec.h)
-    buf = np.zeros(codes_off + groups * group_size * bits // 8, dtype=np.uint8)
+def lean_packet(lib, x, bits, group_size, stochastic, seed, rcp_ulps, like):
+    """The host build's packet and flag: a buffer of the size of the packet `like`, whose scales and
+    codes (at the offsets its header implies) the harness fills; the header bytes stay zero."""
+    codes_off = HEADER + codec.packet_info(like).scale_bytes
+    buf = np.zeros(like.numel(), dtype=np.uint8)
     raw = x.contiguous().view(torch.int16).numpy().view(np.uint16)
-    flag = lib.sl_lean16_compress(DTYPE_CODES[x.dtype], bits, int(stochastic), seed, raw.ctypes.data, numel,
-                                  group_size, rcp_ulps, buf.ctypes.data, codes_off)
+    flag = lib.sl_lean16_compress(codec.DTYPE_CODES[x.dtype], bits, int(stochastic), seed, raw.ctypes.data,
+                                  x.numel(), group_size, rcp_ulps, buf.ctypes.data, codes_off)
     assert flag in (0, 1), "the harness refused its arguments"
     return buf, flag
 
 
-def assert_same_packet(lib, x, bits, group_size, stochastic=False, seed=0, rcp_ulps=0):
-    ref, ref_flag = cpu_packet(x, bits, group_size, stochastic, seed)
-    got, flag = lean_packet(lib, x, bits, group_size, stochastic, seed, rcp_ulps)
-    assert got.size == ref.size
-    diff = np.nonzero(got[96:] != ref[96:])[0]
+def assert_same_packet(lib, x, bits, group_size, stochastic=False, seed=0, rcp_ulps=0) -> int:
+    """Asserts the host build writes the CPU kernels' scales and codes and flag; returns the flag."""
+    packet, ref_flag = cpu_packet(x, bits, group_size, stochastic, seed)
+    got, flag = lean_packet(lib, x, bits, group_size, stochastic, seed, rcp_ulps, like=packet)
+    ref = packet.numpy()
+    diff = np.nonzero(got[HEADER:] != ref[HEADER:])[0]
     assert diff.size == 0, (f"{diff.size} bytes differ after the header, the first at packet offset "
-                            f"{96 + diff[0]}: lean {got[96 + diff[0]]}, CPU {ref[96 + diff[0]]}")
+                            f"{HEADER + diff[0]}: lean {got[HEADER + diff[0]]}, CPU {ref[HEADER + diff[0]]}")
     assert flag == ref_flag
+    return ref_flag
 
 
 def every_value_under_each_absmax(dtype, group_size=4096):
@@ -151,6 +152,4 @@ def test_zero_and_tiny_groups_give_the_cpu_packet(lean16, dtype):
 def test_non_finite_groups_raise_the_flag_and_give_the_cpu_packet(lean16, dtype, bad):
     x = activations((4 * 64,), dtype, seed=5)
     x[70] = bad
-    ref, ref_flag = cpu_packet(x, 8, 64, False, 0)
-    assert ref_flag == 1
-    assert_same_packet(lean16, x, 8, 64)
+    assert assert_same_packet(lean16, x, 8, 64) == 1
