@@ -5,6 +5,7 @@
     python -m bench.e2e --size gpu                               # GPT-2 medium shape (a GPU machine)
     python -m bench.bench_trainer --device cuda --model llama-7b # the GPU size's Llama-7B server MFU
     python -m bench.e2e --size quality-cpu --report              # BLEU, ROUGE-L, perplexity of SmolLM2-135M
+    python -m bench.e2e --size quality-chat-cpu --report         # the same through chat JSON lines and its template
 
 Each run is one `splitlora.trainer.train(cfg)` into `<out>/<name>/` (default `runs/e2e/`; quick tries
 with --steps, --eval-every or --set into `runs/e2e-quick/`), in a
@@ -87,6 +88,10 @@ COMPARISON = ("centralized", "fedlora", "sl", "splitlora-fp32", "splitlora-int8"
               "fedcybgd", "hsplitlora")
 # The runs of the E2E quality comparison (the SplitLoRA paper's table), and the untrained baseline.
 QUALITY = ("pretrained", "centralized", "fedlora", "splitlora-fp32", "splitlora-int8", "splitlora-int4-ef")
+# The same comparison through the user-data path (E2E as chat JSON lines): the issue's runs.
+QUALITY_CHAT = ("pretrained", "centralized", "fedlora", "splitlora-fp32", "splitlora-int8")
+# Where bench.e2e_chat writes the chat files that configs/bench-quality-chat.yaml reads.
+CHAT_DATA = "runs/data/e2e-chat"
 
 SIZES = {
     # The CPU size: everything is in the config file (see its comments for the sizing).
@@ -112,6 +117,11 @@ SIZES = {
     "quality-cpu": {"config": "configs/bench-quality.yaml", "out": "runs/quality", "overrides": [],
                     "runs": QUALITY, "threads": 1, "data": {
                         "data.train_path": "e2e/valid.txt", "data.eval_path": "e2e/testset_w_refs.csv"}},
+    # E2E quality through the user-data path: E2E written as chat JSON lines (bench.e2e_chat, before
+    # the runs), read with HF datasets and rendered with SmolLM2's chat template; otherwise as
+    # quality-cpu (same model, LoRA, steps, evaluation subset).
+    "quality-chat-cpu": {"config": "configs/bench-quality-chat.yaml", "out": "runs/quality-chat", "overrides": [],
+                         "runs": QUALITY_CHAT, "threads": 1, "data": {}, "chat_data": CHAT_DATA},
     # The full quality run, on a GPU: every line of valid.txt for 5 epochs (as the LoRA paper trains
     # E2E) at 3 x 8 sequences per step, held-out loss on all 4,693 lines of the test set and BLEU on
     # all its 630 meaning representations (630 greedy decodings per run, with the KV cache). Not run
@@ -349,6 +359,11 @@ def main(argv=None) -> int:
     tweaked = args.steps is not None or args.eval_every is not None or bool(args.set)
     out = Path(args.out or (size["out"] + "-quick" if tweaked else size["out"]))
     data = data_dir()
+    if size.get("chat_data"):
+        from bench.e2e_chat import write_chat_files
+
+        # The config names these files relative to the project root, where the runs start.
+        write_chat_files(data, ROOT / size["chat_data"])
     # One thread on the CPU size: on a machine whose cores other processes share, two threads
     # wait at every op's barrier for a descheduled peer (steps measured 10x slower here), and the
     # runs' measured times must stay comparable with each other.

@@ -1,7 +1,8 @@
 """splitlora: split federated fine-tuning of causal LLMs with LoRA.
 
 Names are resolved lazily, so `import splitlora` imports neither transformers nor triton; the
-codec loads on first use of one of its names.
+codec loads on first use of one of its names, the architecture registry (torch only) on first use
+of `register_architecture`.
 """
 import importlib
 
@@ -19,6 +20,7 @@ _EXPORTS = {
     "backend_for": "splitlora.codec",
     "ErrorFeedback": "splitlora.codec",
     "PacketInfo": "splitlora.codec",
+    "register_architecture": "splitlora.architectures",
 }
 
 __all__ = sorted(_EXPORTS)

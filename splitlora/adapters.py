@@ -1,18 +1,28 @@
-"""Which modules get LoRA, at what rank, per side; adapter state dicts under whole-model names."""
+"""Which modules get LoRA, at what rank and in what dtype, per side; adapter state dicts under
+whole-model names.
+
+Targets are module names matched as PEFT's list form does (a full name, or a suffix on a '.'
+boundary), plus PEFT's `all-linear`: every nn.Linear / GPT-2 Conv1D except the output head
+(`lm_head`), which can still be named next to it (`[all-linear, lm_head]`).
+"""
 from __future__ import annotations
 
 import copy
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
 from torch import nn
 
 from splitlora_kernels import apply_fused_lora
+from splitlora_kernels.layers import _is_linear_like
 from splitlora_kernels.layers import _name_matches as _matches  # the rule apply_fused_lora matches by
 from splitlora_kernels.layers import lora_modules, lora_state_dict, load_lora_state_dict
+
+# PEFT's spelling of "every linear layer but the output head".
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -21,10 +31,62 @@ class LoraSpec:
     alpha: float
     dropout: float = 0.0
     rslora: bool = False
+    # The adapters' dtype whatever the base model's (config lora.adapter_dtype): float32 on a
+    # bfloat16/float16 base, as PEFT does, so their gradients and optimizer state are float32 too.
+    dtype: Union[str, torch.dtype] = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _as_dtype(self.dtype)
+
+
+def _as_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"the adapter dtype must be a floating dtype (float32, bfloat16, float16); got {dtype!r}.")
+    return dtype
+
+
+def _head_names(module: nn.Module) -> set:
+    """Names (in `module`) of the output head that all-linear leaves out: a segment's LM head,
+    a causal LM's output embeddings, and anything called lm_head."""
+    heads = set()
+    arch = getattr(module, "_arch", None)
+    if arch is not None:
+        heads.add(arch.head)
+    get_output = getattr(module, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    for name, m in module.named_modules():
+        if name and (m is output or name == "lm_head" or name.endswith(".lm_head")):
+            heads.add(name)
+    return heads
+
+
+def linear_module_names(module: nn.Module) -> List[str]:
+    """What `all-linear` names in `module`: its nn.Linear / Conv1D modules (already adapted ones
+    included) except the output head, as full names."""
+    from splitlora_kernels.layers import FusedLoRALinear
+
+    heads = _head_names(module)
+    return [name for name, m in module.named_modules()
+            if name and name not in heads and (_is_linear_like(m) or isinstance(m, FusedLoRALinear))]
+
+
+def resolve_targets(module: nn.Module, target_modules: Iterable[str]) -> List[str]:
+    """`target_modules` with `all-linear` replaced by the full names of `module`'s linear layers
+    (except the head); other entries unchanged, duplicates dropped."""
+    out: List[str] = []
+    for target in target_modules:
+        for name in (linear_module_names(module) if target == ALL_LINEAR else [target]):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def add_lora(segment: nn.Module, target_modules: Iterable[str], spec: LoraSpec, *, seed: int = 0) -> nn.Module:
-    """Puts fused LoRA adapters on `segment`'s targeted linear layers and freezes the rest.
+    """Puts fused LoRA adapters (in `spec.dtype`) on `segment`'s targeted linear layers and freezes
+    the rest. `all-linear` targets every linear layer of the segment except the LM head.
 
     A segment that holds none of the targets (e.g. targets that only exist in the LM head's
     side) gets none, rather than an error: each side adapts what it has.
@@ -33,10 +95,10 @@ def add_lora(segment: nn.Module, target_modules: Iterable[str], spec: LoraSpec, 
     whole-model name (B starts at zero, as in PEFT), so a layer starts from the same adapter
     wherever the cut puts it: runs that split the model differently stay comparable.
     """
-    targets = existing_targets([segment], target_modules)
+    targets = resolve_targets(segment, existing_targets([segment], target_modules))
     if targets:
         apply_fused_lora(segment, targets, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                         use_rslora=spec.rslora)
+                         use_rslora=spec.rslora, adapter_dtype=spec.torch_dtype)
         for name, module in lora_modules(segment).items():
             init_adapter(module, seed, segment.full_model_name(name))
     else:
@@ -63,9 +125,13 @@ def init_lora_pair(lora_a: torch.Tensor, lora_b: torch.Tensor, seed: int, name: 
 
 
 def existing_targets(segments: Iterable[nn.Module], target_modules: Iterable[str]) -> List[str]:
-    """The targets that name a module in at least one of `segments` (PEFT's suffix matching)."""
+    """The targets that name a module in at least one of `segments` (PEFT's suffix matching;
+    `all-linear` when some segment has a linear layer besides the head)."""
+    segments = list(segments)
     names = [n for s in segments for n, _ in s.named_modules()]
-    return [t for t in target_modules if any(_matches(n, t) for n in names)]
+    return [t for t in target_modules
+            if (any(linear_module_names(s) for s in segments) if t == ALL_LINEAR
+                else any(_matches(n, t) for n in names))]
 
 
 def check_targets_exist(segments: Iterable[nn.Module], target_modules: Iterable[str], key: str) -> None:
@@ -126,6 +192,7 @@ def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str
     """A copy of the unsplit model with LoRA where the segments had it, loaded with `state`
     (whole-model names), on `device` (default: where `base_model` is): what export writes in
     PEFT format, what the final evaluation generates with, and what centralized LoRA trains.
+    Each adapter is created in the dtype `state` holds it in (e.g. float32 on a bfloat16 base).
 
     On base_model's own device the copy shares its frozen weights (the trainer freezes it): the
     adapters are new, but a 7B model's weights are not held twice. On another device (the
@@ -143,10 +210,15 @@ def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str
     groups: Dict[tuple, List[str]] = {}
     for plan in plans:
         for name, (r, alpha, dropout, rslora) in plan.items():
-            groups.setdefault((dropout, rslora), []).append((name, r, alpha))
-    for (dropout, rslora), items in groups.items():
+            # The adapters keep the dtype they have in `state` (lora.adapter_dtype: float32 on a
+            # bfloat16 base), else the base weight's.
+            held = state.get(f"{name}.lora_A") if state else None
+            dtype = held.dtype if held is not None and held.is_floating_point() else None
+            groups.setdefault((dropout, rslora, dtype), []).append((name, r, alpha))
+    for (dropout, rslora, dtype), items in groups.items():
         apply_fused_lora(model, [n for n, _, _ in items], r={n: r for n, r, _ in items},
-                         alpha={n: a for n, _, a in items}, dropout=dropout, use_rslora=rslora)
+                         alpha={n: a for n, _, a in items}, dropout=dropout, use_rslora=rslora,
+                         adapter_dtype=dtype)
     if state:
         load_lora_state_dict(model, state)
     return model

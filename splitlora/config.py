@@ -42,7 +42,8 @@ from typing import Any, Sequence
 import yaml
 
 __all__ = [
-    "STRATEGIES", "SPLIT_STRATEGIES", "DEVICES", "TRANSPORTS", "DTYPES", "DATA_SOURCES", "PARTITIONS",
+    "STRATEGIES", "SPLIT_STRATEGIES", "DEVICES", "TRANSPORTS", "DTYPES", "DATA_SOURCES", "DATA_FORMATS",
+    "DATA_ON_LONG", "PARTITIONS",
     "OPTIMIZERS", "CODEC_BITS", "MIN_GROUP_SIZE", "MAX_GROUP_SIZE", "DEFAULT_MODEL_CONFIG",
     "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "LoraSideConfig", "LoraConfig",
     "TrainConfig", "CodecConfig", "NetworkConfig", "EvalConfig", "FedCyBGDConfig",
@@ -59,7 +60,12 @@ SPLIT_STRATEGIES = ("splitlora", "sl")
 DEVICES = ("cpu", "cuda", "auto")
 TRANSPORTS = ("local", "dist")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("synthetic", "e2e")
+# The embedded task, E2E files, and the user's own files read through HF datasets (data/formats.py).
+DATA_SOURCES = ("synthetic", "e2e", "jsonl", "json", "csv", "parquet", "hf_disk")
+# How a row of a user's file becomes a training sequence (data/records.py); null: detected from the columns.
+DATA_FORMATS = ("prompt_completion", "chat", "text")
+# A record longer than data.max_length: skip it (counted, one warning) or keep its prompt and cut its completion.
+DATA_ON_LONG = ("skip", "truncate")
 PARTITIONS = ("iid", "dirichlet")
 PAD_TO = ("batch", "dataset")
 OPTIMIZERS = ("adamw", "sgd")
@@ -132,16 +138,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # synthetic, e2e, or a file format: jsonl, json, csv, parquet, hf_disk (a Dataset.save_to_disk folder).
     source: str = "synthetic"
     train_path: str | None = None
+    # Held-out data: its own file, else a data.eval_fraction of the training data (never anything else).
     eval_path: str | None = None
+    eval_fraction: float = 0.1
     tokenizer: str | None = None
+    # prompt_completion, chat or text; null: detected from the columns (and printed).
+    format: str | None = None
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+    messages_key: str = "messages"
+    text_key: str = "text"
+    # A chat template (a Jinja string, or the path of a file holding one) for tokenizers without one.
+    chat_template: str | None = None
     max_length: int = 96
+    # A record longer than max_length: skip (counted, one warning at the end of loading) or truncate
+    # its completion (its prompt kept whole).
+    on_long: str = "truncate"
     num_train: int | None = None
     num_eval: int | None = 200
     synthetic_examples: int = 4000
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
+    # Natural partitions (real data is split by owner): a column whose values name the clients, or
+    # one file per client (then train_path is not used). Either replaces data.partition.
+    client_key: str | None = None
+    client_paths: list[str] | None = None
+    # Several short examples per sequence, attention kept within each example.
+    packing: bool = False
     # Training batches padded to their own longest sequence ("batch"), or every batch to the
     # longest of the training set ("dataset": fixed shapes, more bytes at the cut and more compute).
     pad_to: str = "batch"
@@ -158,6 +184,9 @@ class LoraSideConfig:
 
 @dataclass
 class LoraConfig:
+    # The adapters' weights (and so their optimizer state) in this dtype whatever model.dtype is:
+    # float32 on a bfloat16/float16 base, as PEFT does.
+    adapter_dtype: str = "float32"
     client: LoraSideConfig = field(default_factory=LoraSideConfig)
     # The demo's server also adapts the LM head: on a randomly initialised model that is what lets
     # a few hundred LoRA steps learn the task (pretrained models do not need it).
@@ -526,9 +555,41 @@ def validate(cfg: RunConfig) -> RunConfig:
     non_empty("data.train_path", d.train_path, optional=True)
     non_empty("data.eval_path", d.eval_path, optional=True)
     non_empty("data.tokenizer", d.tokenizer, optional=True)
+    non_empty("data.chat_template", d.chat_template, optional=True)
+    non_empty("data.client_key", d.client_key, optional=True)
+    for key in ("prompt_key", "completion_key", "messages_key", "text_key"):
+        non_empty(f"data.{key}", getattr(d, key))
+    if d.format is not None:
+        one_of("data.format", d.format, DATA_FORMATS)
+    one_of("data.on_long", d.on_long, DATA_ON_LONG)
+    if not (math.isfinite(d.eval_fraction) and 0.0 < d.eval_fraction < 1.0):
+        errors.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction!r}")
     if d.source == "e2e" and d.train_path is None:
         errors.append("data.train_path: required when data.source is e2e (a file of "
                       "'meaning representation||text' lines)")
+    if d.source in ("synthetic", "e2e"):
+        for key in ("client_key", "client_paths"):
+            if getattr(d, key) is not None:
+                errors.append(f"data.{key}: natural partitions need a file source (jsonl, json, csv, "
+                              f"parquet, hf_disk), data.source is {d.source!r}")
+    elif d.source not in DATA_SOURCES:
+        pass  # reported above
+    elif d.client_paths is not None:
+        if not d.client_paths or not all(p.strip() for p in d.client_paths):
+            errors.append(f"data.client_paths: must be a non-empty list of files, one per client, "
+                          f"got {d.client_paths!r}")
+        elif len(d.client_paths) != cfg.train.clients:
+            errors.append(f"data.client_paths: {len(d.client_paths)} files (one per client) but "
+                          f"train.clients is {cfg.train.clients}; make them equal")
+        if d.client_key is not None:
+            errors.append("data.client_key: set either data.client_key or data.client_paths, not both")
+        if d.train_path is not None:
+            errors.append("data.train_path: not used with data.client_paths (one file per client); "
+                          "set it to null")
+    elif d.train_path is None:
+        errors.append(f"data.train_path: required when data.source is {d.source} (the file"
+                      f"{' or folder' if d.source == 'hf_disk' else ''} to train on), or set "
+                      f"data.client_paths (one file per client)")
     at_least("data.max_length", d.max_length, 8)
     at_least("data.num_train", d.num_train, 1, optional=True)
     at_least("data.num_eval", d.num_eval, 1, optional=True)
@@ -537,6 +598,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     one_of("data.pad_to", d.pad_to, PAD_TO)
     positive("data.dirichlet_alpha", d.dirichlet_alpha)
 
+    one_of("lora.adapter_dtype", cfg.lora.adapter_dtype, DTYPES)
     for side in ("client", "server"):
         s: LoraSideConfig = getattr(cfg.lora, side)
         p = f"lora.{side}"

@@ -138,12 +138,12 @@ def _from_config(config: Mapping[str, Any], dtype: torch.dtype, seed: int):
     if model_type not in CONFIG_MAPPING:
         raise ValueError(
             f"config['model_type']={model_type!r} is not a model type transformers knows; "
-            "use e.g. 'gpt2', 'llama', 'qwen2' or 'mistral'."
+            "use e.g. 'gpt2', 'llama', 'qwen3', 'gemma2' or 'phi3'."
         )
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(
             f"config['model_type']={model_type!r} has no causal LM class in transformers; "
-            "use e.g. 'gpt2', 'llama', 'qwen2' or 'mistral'."
+            "use e.g. 'gpt2', 'llama', 'qwen3', 'gemma2' or 'phi3'."
         )
     hf_config = AutoConfig.for_model(model_type, **kwargs)
     # Seed a private RNG stream so the same seed gives the same weights whatever ran before, and the

@@ -21,8 +21,10 @@ implementation in the config -- sdpa, eager, ... -- gets the mask format it expe
 rotary cos/sin from the position ids. Only hidden states (and, alongside them, the padding mask
 and position ids, which are metadata of the batch) cross the cut.
 
-Adding an architecture is one `_Architecture` subclass registered in `_ARCHITECTURES`: where the
-embeddings, decoder layers, final norm, rotary module and head live, and how a layer is called.
+Which families can be split, and how each one's forward runs between its modules (embedding
+scaling, per-layer masks and rotary tables, logit soft-capping), is the registry of
+`splitlora.architectures`: add a family with `splitlora.architectures.register_architecture` and
+verify any split with `splitlora.architectures.check_split`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .architectures import Architecture, get_architecture, supported_model_types
+from .architectures.registry import HOW_TO_ADD
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -43,123 +48,24 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# Per-architecture adapters
-# --------------------------------------------------------------------------------------------
+def __getattr__(name):
+    # SUPPORTED_MODEL_TYPES reflects the registry as it is when read (a type registered later shows).
+    if name == "SUPPORTED_MODEL_TYPES":
+        return supported_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _Architecture:
-    """Where the parts of one family of *ForCausalLM live and how its decoder layers are called.
-
-    Attribute names are relative to the decoder stack `backbone` (e.g. `model` in LlamaForCausalLM),
-    except `head`, which is relative to the causal LM itself."""
-
-    backbone: str
-    embeddings: Tuple[str, ...]
-    layers: str
-    final_norm: str
-    rotary: Optional[str] = None
-    head: str = "lm_head"
-
-    def embed(self, segment: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def layer_kind(self, config, index: int) -> str:
-        """The attention kind of decoder layer `index`, which selects its mask."""
-        return "full_attention"
-
-    def make_mask(self, config, kind: str, hidden: torch.Tensor, attention_mask, position_ids):
-        # Imported here: importing transformers is slow, and `import splitlora` must stay light.
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        builders = {
-            "full_attention": create_causal_mask,
-            "sliding_attention": create_sliding_window_causal_mask,
-        }
-        if kind not in builders:
-            raise ValueError(f"layer attention kind {kind!r} is not supported; expected one of {sorted(builders)}.")
-        # `hidden` stands in for inputs_embeds: the mask builders read only its shape, dtype and device.
-        return builders[kind](
-            config=config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
-
-    def run_layer(self, layer, hidden, mask, position_ids, position_embeddings) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _GPT2(_Architecture):
-    backbone = "transformer"
-    embeddings = ("wte", "wpe", "drop")
-    layers = "h"
-    final_norm = "ln_f"
-
-    def embed(self, segment, input_ids, position_ids):
-        return segment.drop(segment.wte(input_ids) + segment.wpe(position_ids))
-
-    def run_layer(self, layer, hidden, mask, position_ids, position_embeddings):
-        # GPT2Block takes (hidden, past_key_values, attention_mask, encoder_hidden_states, ...)
-        # positionally in the model's own loop; keywords keep us independent of that order.
-        return layer(hidden, attention_mask=mask, use_cache=False, position_ids=position_ids)
-
-
-class _Llama(_Architecture):
-    backbone = "model"
-    embeddings = ("embed_tokens",)
-    layers = "layers"
-    final_norm = "norm"
-    rotary = "rotary_emb"
-
-    def embed(self, segment, input_ids, position_ids):
-        return segment.embed_tokens(input_ids)
-
-    def run_layer(self, layer, hidden, mask, position_ids, position_embeddings):
-        return layer(
-            hidden,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=None,
-            use_cache=False,
-            position_embeddings=position_embeddings,
-        )
-
-
-class _Qwen2(_Llama):
-    def layer_kind(self, config, index):
-        # Qwen2 may mix full and sliding-window layers (use_sliding_window + max_window_layers).
-        layer_types = getattr(config, "layer_types", None)
-        return layer_types[index] if layer_types else "full_attention"
-
-
-class _Mistral(_Llama):
-    def layer_kind(self, config, index):
-        # Every Mistral layer uses the sliding window when the config sets one.
-        return "full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"
-
-
-_ARCHITECTURES: Dict[str, _Architecture] = {
-    "gpt2": _GPT2(),
-    "llama": _Llama(),
-    "qwen2": _Qwen2(),
-    "mistral": _Mistral(),
-}
-
-SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)  # ("gpt2", "llama", "qwen2", "mistral")
-
-
-def _architecture_of(model) -> _Architecture:
+def _architecture_of(model) -> Architecture:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a transformers causal LM (an nn.Module); got {type(model).__name__}.")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ARCHITECTURES:
+    supported = supported_model_types()
+    if model_type not in supported:
         raise ValueError(
             f"cannot split a model of type {model_type!r} ({type(model).__name__}); "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            f"supported model types: {', '.join(supported)}; {HOW_TO_ADD}."
         )
-    arch = _ARCHITECTURES[model_type]
+    arch = get_architecture(model_type)
     if not hasattr(model, arch.backbone) or not hasattr(model, arch.head):
         raise ValueError(
             f"model is a {type(model).__name__}, which has no LM head ({arch.backbone!r} and {arch.head!r}); "
@@ -168,7 +74,7 @@ def _architecture_of(model) -> _Architecture:
     return arch
 
 
-def _num_layers(model, arch: _Architecture) -> int:
+def _num_layers(model, arch: Architecture) -> int:
     return len(getattr(getattr(model, arch.backbone), arch.layers))
 
 
@@ -188,10 +94,11 @@ class _Segment(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        arch: _Architecture,
+        arch: Architecture,
         layer_range: Tuple[int, int],
         embeddings: bool,
         head: bool,
+        share_weights: bool = False,
     ) -> None:
         super().__init__()
         backbone = getattr(model, arch.backbone)
@@ -208,13 +115,17 @@ class _Segment(nn.Module):
         if head:
             wanted["final_norm"] = getattr(backbone, arch.final_norm)
             wanted["head"] = getattr(model, arch.head)
-        if arch.rotary is not None:
-            wanted["rotary"] = getattr(backbone, arch.rotary)
+        wanted["rotary"] = {name: getattr(backbone, name) for name in arch.rotary_modules}
         # One deepcopy for everything: the copied layers then share ONE config object, the segment's
         # (so e.g. switching `segment.config._attn_implementation` reaches every attention module),
         # while nothing is shared with the source model. A tied head gets its own weight here, since
         # the embedding it was tied to is not part of this copy (or is copied by another segment).
-        copied = copy.deepcopy(wanted)
+        # share_weights keeps the model's own parameters and buffers (new modules, same tensors): a
+        # read-only view for check_split, which must not hold a second copy of a large model.
+        memo = {}
+        if share_weights:
+            memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+        copied = copy.deepcopy(wanted, memo)
 
         self._arch = arch
         self.config = copied["config"]
@@ -227,8 +138,8 @@ class _Segment(nn.Module):
         if head:
             self.add_module(arch.final_norm, copied["final_norm"])
             self.add_module(arch.head, copied["head"])
-        if arch.rotary is not None:
-            self.add_module(arch.rotary, copied["rotary"])
+        for name, module in copied["rotary"].items():
+            self.add_module(name, module)
         self._has_head = head
         # Mirror the model's mode without touching the copied children's own flags.
         self.training = model.training
@@ -299,29 +210,29 @@ class _Segment(nn.Module):
 
     def _run_layers(self, hidden, attention_mask, position_ids) -> torch.Tensor:
         arch = self._arch
+        kinds = {index: arch.layer_kind(self.config, int(index)) for index in self.decoder_layers}
+        # One mask and one rotary table per attention kind, built from this segment's inputs only.
         masks: Dict[str, object] = {}
-        position_embeddings = None
-        if arch.rotary is not None:
-            position_embeddings = getattr(self, arch.rotary)(hidden, position_ids)
+        for kind in dict.fromkeys(kinds.values()):  # a mask may legitimately be None (sdpa's is_causal path)
+            masks[kind] = arch.make_mask(self.config, kind, hidden, attention_mask, position_ids)
+        position_embeddings = arch.position_embeddings(self, hidden, position_ids, list(masks))
         for index, layer in self.decoder_layers.items():
-            kind = arch.layer_kind(self.config, int(index))
-            if kind not in masks:  # a mask may legitimately be None (sdpa's is_causal fast path)
-                masks[kind] = arch.make_mask(self.config, kind, hidden, attention_mask, position_ids)
-            hidden = arch.run_layer(layer, hidden, masks[kind], position_ids, position_embeddings)
+            kind = kinds[index]
+            hidden = arch.run_layer(layer, hidden, masks[kind], position_ids, position_embeddings[kind])
         return hidden
 
     def _head(self, hidden) -> torch.Tensor:
         hidden = getattr(self, self._arch.final_norm)(hidden)
-        return getattr(self, self._arch.head)(hidden)
+        return self._arch.head_logits(self, hidden)
 
 
 class ClientSegment(_Segment):
     """Embeddings and decoder layers [0, cut_layer): `forward(input_ids, attention_mask, position_ids)`
     returns the hidden states at the cut, [B, T, H]."""
 
-    def __init__(self, model: nn.Module, cut_layer: int) -> None:
+    def __init__(self, model: nn.Module, cut_layer: int, *, share_weights: bool = False) -> None:
         arch = _architecture_of(model)
-        super().__init__(model, arch, (0, cut_layer), embeddings=True, head=False)
+        super().__init__(model, arch, (0, cut_layer), embeddings=True, head=False, share_weights=share_weights)
 
     def forward(
         self,
@@ -339,9 +250,9 @@ class ClientSegment(_Segment):
 
 
 class _UpperSegment(_Segment):
-    def __init__(self, model: nn.Module, start: int, end: int, head: bool) -> None:
+    def __init__(self, model: nn.Module, start: int, end: int, head: bool, share_weights: bool = False) -> None:
         arch = _architecture_of(model)
-        super().__init__(model, arch, (start, end), embeddings=False, head=head)
+        super().__init__(model, arch, (start, end), embeddings=False, head=head, share_weights=share_weights)
 
     def forward(
         self,
@@ -363,11 +274,12 @@ class ServerSegment(_UpperSegment):
     norm and LM head and `forward(hidden, attention_mask, position_ids)` returns logits [B, T, V];
     without it (U-shaped split) it returns hidden states for the ClientTail."""
 
-    def __init__(self, model: nn.Module, cut_layer: int, end: Optional[int] = None) -> None:
+    def __init__(self, model: nn.Module, cut_layer: int, end: Optional[int] = None, *,
+                 share_weights: bool = False) -> None:
         arch = _architecture_of(model)
         total = _num_layers(model, arch)
         end = total if end is None else end
-        super().__init__(model, cut_layer, end, head=end == total)
+        super().__init__(model, cut_layer, end, head=end == total, share_weights=share_weights)
 
     @property
     def returns_logits(self) -> bool:
@@ -378,9 +290,9 @@ class ClientTail(_UpperSegment):
     """The top of a U-shaped split, kept on the client so labels never leave it: decoder layers
     [server_end, L), final norm and LM head; `forward(hidden, ...)` returns logits [B, T, V]."""
 
-    def __init__(self, model: nn.Module, server_end: int) -> None:
+    def __init__(self, model: nn.Module, server_end: int, *, share_weights: bool = False) -> None:
         arch = _architecture_of(model)
-        super().__init__(model, server_end, _num_layers(model, arch), head=True)
+        super().__init__(model, server_end, _num_layers(model, arch), head=True, share_weights=share_weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,26 +306,23 @@ def split_model(model: nn.Module, cut_layer: int) -> Tuple[ClientSegment, Server
 
     Valid cuts leave each side at least one decoder layer: 1 <= cut_layer <= L-1. The model is not
     modified; both segments hold deep copies."""
-    arch = _architecture_of(model)
-    total = _num_layers(model, arch)
-    _check_int("cut_layer", cut_layer)
-    if not 1 <= cut_layer <= total - 1:
-        raise ValueError(
-            f"cut_layer must be in [1, {total - 1}] for a model with {total} decoder layers "
-            f"(each side needs at least one layer); got {cut_layer}."
-        )
+    _check_cuts(model, cut_layer)
     return ClientSegment(model, cut_layer), ServerSegment(model, cut_layer)
 
 
-def split_model_u_shape(
-    model: nn.Module, cut_layer: int, server_end: int
-) -> Tuple[ClientSegment, ServerSegment, ClientTail]:
-    """U-shaped split: client bottom (embeddings, layers [0, cut_layer)), server middle (layers
-    [cut_layer, server_end)) and client tail (layers [server_end, L), final norm, LM head), so labels
-    stay on the client. Valid: 1 <= cut_layer < server_end <= L-1."""
+def _check_cuts(model: nn.Module, cut_layer: int, server_end: Optional[int] = None) -> None:
+    """ValueError unless `cut_layer` (and, for a U-shaped split, `server_end`) is a valid split of
+    `model`, a model of a registered architecture."""
     arch = _architecture_of(model)
     total = _num_layers(model, arch)
     _check_int("cut_layer", cut_layer)
+    if server_end is None:
+        if not 1 <= cut_layer <= total - 1:
+            raise ValueError(
+                f"cut_layer must be in [1, {total - 1}] for a model with {total} decoder layers "
+                f"(each side needs at least one layer); got {cut_layer}."
+            )
+        return
     _check_int("server_end", server_end)
     if total < 3:
         raise ValueError(
@@ -429,6 +338,17 @@ def split_model_u_shape(
             f"server_end must be in [{cut_layer + 1}, {total - 1}] for cut_layer={cut_layer} and {total} decoder "
             f"layers (the server and the client tail each need at least one layer); got {server_end}."
         )
+
+
+def split_model_u_shape(
+    model: nn.Module, cut_layer: int, server_end: int
+) -> Tuple[ClientSegment, ServerSegment, ClientTail]:
+    """U-shaped split: client bottom (embeddings, layers [0, cut_layer)), server middle (layers
+    [cut_layer, server_end)) and client tail (layers [server_end, L), final norm, LM head), so labels
+    stay on the client. Valid: 1 <= cut_layer < server_end <= L-1."""
+    if server_end is None:  # None would mean a plain split to _check_cuts
+        _check_int("server_end", server_end)
+    _check_cuts(model, cut_layer, server_end)
     return (
         ClientSegment(model, cut_layer),
         ServerSegment(model, cut_layer, server_end),
@@ -449,10 +369,5 @@ def graft_bottom(skeleton: nn.Module, bottom: nn.Module, cut_layer: int) -> nn.M
     if not 1 <= cut_layer <= min(have, total - 1):
         raise ValueError(f"cut_layer must be in [1, {min(have, total - 1)}] (bottom has {have} decoder layers, "
                          f"skeleton {total}); got {cut_layer}.")
-    source, target = getattr(bottom, arch.backbone), getattr(skeleton, arch.backbone)
-    for name in arch.embeddings + ((arch.rotary,) if arch.rotary is not None else ()):
-        setattr(target, name, getattr(source, name))
-    layers = getattr(target, arch.layers)
-    for i in range(cut_layer):
-        layers[i] = getattr(source, arch.layers)[i]
+    arch.graft(skeleton, bottom, cut_layer)
     return skeleton

@@ -25,6 +25,7 @@ import torch
 
 from . import config as config_mod
 from .adapters import LoraSpec, add_lora, check_targets_exist, existing_targets, whole_model_with_adapters
+from .architectures import check_split
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .timemodel import SIM_LINK_KEYS, TimeModel, as_sim_time, count_params, peak_memory_bytes
 from .transport import is_client_process, make_transport
@@ -49,11 +50,13 @@ class Built:
     cfg: object
     device: torch.device
     tokenizer: object
-    train_examples: list
-    eval_examples: list
+    train_records: list  # data.records: the records behind train_data's rows, in order
+    eval_records: list
     train_data: object
     eval_data: object
     setup: object  # strategies.TrainSetup
+    eval_items: list  # data.records.GenerationItem: one per distinct evaluation prompt (none for text)
+    stop_ids: tuple  # token ids that end a generated answer (eos; a chat template's end of turn)
 
 
 def _model_source(cfg, vocab_size: int, tokenizer) -> dict:
@@ -93,22 +96,26 @@ def segments_on_device(client, server, tail, role: Optional[str]) -> list:
 def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None) -> Built:
     """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
     strategy given the same config and seed."""
-    from .data import ClientLoader, HFTokenizer, load_dataset, load_tokenizer, partition, tokenize
+    from .data import ClientLoader, HFTokenizer, WordTokenizer, load_tokenizer, partition
+    from .data.loading import load_records
+    from .data.records import SkipCounter, encode_records, generation_items, record_texts
     from .models import load_bottom_layers, load_causal_lm
     from .split import split_model, split_model_u_shape
     from .strategies import TrainSetup
 
     device = resolve_device(cfg.device)
     d = cfg.data
-    num_train = d.num_train if d.num_train is not None or d.source != "synthetic" else d.synthetic_examples
-    train_examples, eval_examples = load_dataset(d.source, train_path=d.train_path, eval_path=d.eval_path,
-                                                 num_train=num_train, num_eval=d.num_eval, seed=cfg.seed)
+    records = load_records(d, clients=cfg.train.clients, seed=cfg.seed)
+    for line in records.notes:
+        log(line)
 
     # A model built from a config takes the data's tokenizer (or a word tokenizer built from the
     # data); a named or saved model brings its own unless data.tokenizer names another.
     tokenizer = None
-    if d.tokenizer is not None or cfg.model.config is not None:
-        tokenizer = load_tokenizer(d.tokenizer, examples=train_examples + eval_examples)
+    if d.tokenizer is not None:
+        tokenizer = load_tokenizer(d.tokenizer)
+    elif cfg.model.config is not None:
+        tokenizer = WordTokenizer.from_texts(record_texts(records.train + records.eval, d.chat_template))
     source = _model_source(cfg, tokenizer.vocab_size if tokenizer is not None else 0, tokenizer)
     client_process = is_client_process(role)
     if client_process and _bottom_loadable(cfg):
@@ -135,15 +142,58 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     model.requires_grad_(False)
     num_layers = model.config.num_hidden_layers
     server_end = config_mod.validate_model_layers(cfg, num_layers)
+    # The split must compute what the whole model computes (a wrong architecture entry would train
+    # another model). Not checkable in a client process that loaded its bottom layers only
+    # (models.load_bottom_layers): the rest of its model is on the meta device, without weights.
+    if not any(p.is_meta for p in model.parameters()):
+        check_split(model, cfg.model.cut_layer, server_end if cfg.train.u_shape else None)
 
-    train_data = tokenize(train_examples, tokenizer, d.max_length)
-    eval_data = tokenize(eval_examples, tokenizer, d.max_length)
+    train_skips = records.train_skips or SkipCounter("training")
+    eval_skips = records.eval_skips or SkipCounter("evaluation")
+    train_data, train_kept = encode_records(records.train, tokenizer, d.max_length, d.on_long,
+                                            chat_template=d.chat_template, skips=train_skips)
+    eval_data, eval_kept = encode_records(records.eval, tokenizer, d.max_length, d.on_long,
+                                          chat_template=d.chat_template, skips=eval_skips)
+    train_records = [records.train[i] for i in train_kept]
+    eval_records = [records.eval[i] for i in eval_kept]
+    for skips in (train_skips, eval_skips):
+        if skips.summary():
+            logger.warning("data: %s", skips.summary())
+            log(f"warning: data: {skips.summary()}")
+    if train_data.num_truncated:
+        log(f"data: {train_data.num_truncated} of {len(train_data)} training records were longer than "
+            f"data.max_length={d.max_length}: their completions were cut (data.on_long=skip leaves them out)")
+    eval_items, stop_ids = generation_items(eval_records, tokenizer, chat_template=d.chat_template)
 
     n = cfg.train.clients
-    shards = partition([e.group for e in train_examples], n, d.partition, d.dirichlet_alpha, cfg.seed)
-    loaders = [ClientLoader(train_data, shard, cfg.train.batch_size, seed=cfg.seed, client_id=c,
-                            trim=d.pad_to == "batch")
-               for c, shard in enumerate(shards)]
+    if records.shards is not None:
+        # Natural partitions: each client keeps its own records (those that survived encoding).
+        position = {record_index: row for row, record_index in enumerate(train_kept)}
+        shards = [[position[i] for i in shard if i in position] for shard in records.shards]
+        empty = [records.client_names[c] for c, shard in enumerate(shards) if not shard]
+        if empty:
+            raise ValueError(f"data: no training record left for client(s) {', '.join(empty)} after skipping "
+                             f"unusable records; see the warning above")
+        log("data: natural partition, records per client: "
+            + ", ".join(f"{name}={len(shard)}" for name, shard in zip(records.client_names, shards)))
+    else:
+        shards = partition([r.group for r in train_records], n, d.partition, d.dirichlet_alpha, cfg.seed)
+    trim = d.pad_to == "batch"
+    if d.packing:
+        from .data.packing import pack_client_datasets
+
+        # Several whole examples per row (one client's only), attention kept within each example;
+        # train.batch_size then counts rows. Evaluation stays unpacked.
+        client_data = pack_client_datasets(train_data, shards, d.max_length)
+        loaders = [ClientLoader(data, range(len(data)), cfg.train.batch_size, seed=cfg.seed, client_id=c, trim=trim)
+                   for c, data in enumerate(client_data)]
+        seq_len = client_data[0].seq_len  # every client's rows share one width
+        log(f"data: packed {len(train_data)} training records into "
+            f"{sum(len(x) for x in client_data)} rows of up to {d.max_length} tokens (data.packing)")
+    else:
+        loaders = [ClientLoader(train_data, shard, cfg.train.batch_size, seed=cfg.seed, client_id=c, trim=trim)
+                   for c, shard in enumerate(shards)]
+        seq_len = train_data.seq_len
 
     if cfg.train.u_shape:
         client, server, tail = split_model_u_shape(model, cfg.model.cut_layer, server_end)
@@ -158,11 +208,12 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     check_targets_exist(segments, lc.target_modules, "lora.client.target_modules")
     check_targets_exist(segments, ls.target_modules, "lora.server.target_modules")
     # Adapters' initial values are seeded per module: the same for every strategy and cut.
-    client_spec = LoraSpec(lc.r, lc.alpha, lc.dropout, lc.rslora)
+    client_spec = LoraSpec(lc.r, lc.alpha, lc.dropout, lc.rslora, cfg.lora.adapter_dtype)
     add_lora(client, lc.target_modules, client_spec, seed=cfg.seed)
     if tail is not None:
         add_lora(tail, lc.target_modules, client_spec, seed=cfg.seed)
-    add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
+    add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora, cfg.lora.adapter_dtype),
+             seed=cfg.seed)
     for seg in segments_on_device(client, server, tail, role):
         seg.to(device)
     if client_process:
@@ -175,13 +226,14 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     net = cfg.network
     setup = TrainSetup(
         cfg=cfg, device=device, base_model=None if client_process else model, client=client, server=server,
-        tail=tail, loaders=loaders, client_weights=[float(len(s)) for s in shards], seq_len=train_data.seq_len,
+        tail=tail, loaders=loaders, client_weights=[float(len(s)) for s in shards], seq_len=seq_len,
         num_layers=num_layers, hidden_size=model.config.hidden_size,
         transport=make_transport(cfg.transport if role is not None else "local", timeout_s=net.timeout_s),
         time_model=TimeModel(net.client_tflops, net.server_tflops, net.bandwidth_mbps, net.latency_ms),
         role=role,
     )
-    return Built(cfg, device, tokenizer, train_examples, eval_examples, train_data, eval_data, setup)
+    return Built(cfg, device, tokenizer, train_records, eval_records, train_data, eval_data, setup,
+                 eval_items, stop_ids)
 
 
 class MetricsLog:
@@ -221,11 +273,13 @@ def evaluate(strategy, built: Built, *, generate: bool, progress: bool = True) -
             # to read it from (the token ids would stay on the host while the weights are on CUDA).
             out = evaluate_loss(fn, built.eval_data, batch_size=cfg.eval.batch_size, device=built.device)
             result = {"eval_loss": out["loss"], "eval_ppl": out["perplexity"]}
-            if generate:
+            # Text records have no reference to score a generation against.
+            if generate and built.eval_items:
                 whole = _generation_model(strategy, built)
-                gen = evaluate_generation(fn if whole is None else whole, built.eval_examples, built.tokenizer,
+                gen = evaluate_generation(fn if whole is None else whole, built.eval_items, built.tokenizer,
                                           max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                          max_sources=cfg.eval.max_sources, device=built.device)
+                                          max_sources=cfg.eval.max_sources, batch_size=cfg.eval.batch_size,
+                                          stop_ids=built.stop_ids, device=built.device)
                 result.update({"bleu": gen["bleu"], "rouge_l": gen["rouge_l"], "samples": gen["samples"][:3],
                                "outputs": gen["outputs"]})
     finally:

@@ -68,6 +68,18 @@ def _check_hyperparameters(r, lora_alpha, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be a probability in [0, 1); got {lora_dropout!r}.")
 
 
+def _check_adapter_dtype(adapter_dtype):
+    """None (the base weight's dtype) or a floating torch.dtype; a dtype name is accepted."""
+    if adapter_dtype is None:
+        return None
+    if isinstance(adapter_dtype, str) and isinstance(getattr(torch, adapter_dtype, None), torch.dtype):
+        adapter_dtype = getattr(torch, adapter_dtype)
+    if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+        raise ValueError(f"adapter_dtype must be None or a floating torch.dtype (e.g. torch.float32); "
+                         f"got {adapter_dtype!r}.")
+    return adapter_dtype
+
+
 def freeze_base(weight: torch.Tensor, bias, fan_in_fan_out: bool):
     """Checks a base layer's weight ([out, in], or [in, out] with fan_in_fan_out) and bias ([out]
     or None), freezes them and returns (in_features, out_features)."""
@@ -95,6 +107,10 @@ class FusedLoRALinear(nn.Module):
     Built fresh, the adapters are initialised like PEFT's default (A kaiming-uniform with
     a=sqrt(5), B zeros), so the layer computes exactly its base linear map until B is trained.
     Prefer `FusedLoRALinear.from_linear(existing_layer, r, alpha)` to wrap a pretrained layer.
+
+    `adapter_dtype` (default: the base weight's dtype) keeps lora_A/lora_B in another precision,
+    e.g. float32 adapters on a bfloat16 base as PEFT does: forward casts them to the compute dtype
+    (differentiably, so their gradients and optimizer state stay in adapter_dtype).
     """
 
     def __init__(
@@ -109,6 +125,7 @@ class FusedLoRALinear(nn.Module):
         fan_in_fan_out: bool = False,
         device=None,
         dtype=None,
+        adapter_dtype=None,
     ) -> None:
         super().__init__()
         # Initialise the base like nn.Linear would, so a FusedLoRALinear built from scratch is usable.
@@ -116,12 +133,14 @@ class FusedLoRALinear(nn.Module):
         weight = base.weight
         if fan_in_fan_out:
             weight = nn.Parameter(base.weight.detach().t().contiguous())
-        self._setup(weight, base.bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora)
+        self._setup(weight, base.bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
 
     # Shared by __init__ and from_linear: from_linear must adopt the existing Parameter objects
     # rather than allocate (and randomly initialise) a second full-size weight.
-    def _setup(self, weight, bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora) -> None:
+    def _setup(self, weight, bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora,
+               adapter_dtype=None) -> None:
         _check_hyperparameters(r, lora_alpha, lora_dropout)
+        adapter_dtype = _check_adapter_dtype(adapter_dtype)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.in_features, self.out_features = freeze_base(weight, bias, self.fan_in_fan_out)
         self.weight = weight
@@ -129,7 +148,7 @@ class FusedLoRALinear(nn.Module):
         self.lora_alpha = float(lora_alpha)
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = bool(use_rslora)
-        factory = dict(device=weight.device, dtype=weight.dtype)
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
         r = int(r)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -147,10 +166,12 @@ class FusedLoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        adapter_dtype=None,
     ) -> "FusedLoRALinear":
         """Wrap an `nn.Linear` or a transformers GPT-2 `Conv1D`, reusing its weight and bias
         Parameters (same objects, same storage: no copy, state-dict names and tying preserved).
-        The base parameters are frozen; new adapters are created on the weight's device and dtype."""
+        The base parameters are frozen; new adapters are created on the weight's device, in
+        `adapter_dtype` (default: the weight's dtype)."""
         if isinstance(linear, FusedLoRALinear):
             raise ValueError("linear is already a FusedLoRALinear; wrap the original nn.Linear or Conv1D instead.")
         if isinstance(linear, nn.Linear):
@@ -163,7 +184,7 @@ class FusedLoRALinear(nn.Module):
             )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear.weight, linear.bias, fan_in_fan_out, r, alpha, dropout, use_rslora)
+        layer._setup(linear.weight, linear.bias, fan_in_fan_out, r, alpha, dropout, use_rslora, adapter_dtype)
         layer.train(linear.training)
         return layer
 
@@ -378,9 +399,13 @@ def apply_fused_lora(
     alpha: AlphaSpec,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    adapter_dtype=None,
 ) -> nn.Module:
     """Replace the targeted linear modules of `model` by FusedLoRALinear, in place, and freeze every
     parameter except the adapters. Returns `model`.
+
+    adapter_dtype: the dtype of lora_A/lora_B (default: each base weight's dtype); PEFT keeps float32
+        adapters on a bfloat16/float16 model, which is `adapter_dtype=torch.float32`.
 
     target_modules: module-name suffixes or full names, matched like PEFT's list form
         ("c_attn" matches "transformer.h.0.attn.c_attn"); a single string is one such name (not a regex).
@@ -433,6 +458,7 @@ def apply_fused_lora(
                 )
 
     # Resolve and validate everything before the first swap, so a bad argument leaves the model untouched.
+    adapter_dtype = _check_adapter_dtype(adapter_dtype)
     plan = []
     for name, module in matched.items():
         rank = _resolve_per_module(r, name, "r")
@@ -444,7 +470,8 @@ def apply_fused_lora(
         plan.append((name, module, rank, module_alpha))
 
     for name, module, rank, module_alpha in plan:
-        new = FusedLoRALinear.from_linear(module, rank, module_alpha, dropout=dropout, use_rslora=use_rslora)
+        new = FusedLoRALinear.from_linear(module, rank, module_alpha, dropout=dropout, use_rslora=use_rslora,
+                                          adapter_dtype=adapter_dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -42,8 +42,12 @@ class MultiLoRALinear(nn.Module):
     adapters are `lora_A[g]` and `lora_B[g]` (ParameterLists)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], ranks: Sequence[int], lora_alpha: float,
-                 *, use_rslora: bool = False, fan_in_fan_out: bool = False, lora_dropout: float = 0.0) -> None:
+                 *, use_rslora: bool = False, fan_in_fan_out: bool = False, lora_dropout: float = 0.0,
+                 adapter_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        # The adapters' own dtype (float32 on a 16-bit base, as PEFT keeps them); forward casts them
+        # to the input's dtype, and their gradients come back in this one. None: the weight's dtype.
+        self.adapter_dtype = weight.dtype if adapter_dtype is None else adapter_dtype
         if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) == 0:
             raise ValueError(f"ranks must be a non-empty list of integers >= 1 (one per adapter); got {ranks!r}.")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
@@ -76,13 +80,14 @@ class MultiLoRALinear(nn.Module):
         if layer.merged:
             raise ValueError("layer is merged; unmerge() it first so that its base weight is the base.")
         multi = cls(layer.weight, layer.bias, ranks, layer.lora_alpha, use_rslora=layer.use_rslora,
-                    fan_in_fan_out=layer.fan_in_fan_out, lora_dropout=layer.lora_dropout)
+                    fan_in_fan_out=layer.fan_in_fan_out, lora_dropout=layer.lora_dropout,
+                    adapter_dtype=layer.lora_A.dtype)
         multi.train(layer.training)
         return multi
 
     # -- adapters --------------------------------------------------------------------------------
     def _new_pair(self, r: int):
-        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        factory = dict(device=self.weight.device, dtype=self.adapter_dtype)
         a = nn.Parameter(torch.empty(r, self.in_features, **factory))
         b = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         with torch.no_grad():

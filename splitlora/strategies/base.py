@@ -113,6 +113,36 @@ def concat_right_padded(tensors: Sequence[torch.Tensor], pad_value: float = 0) -
                       for t in tensors])
 
 
+def mask_meta(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """What a model needs of `batch` besides its tokens to build its attention mask, and what a
+    client sends beside its activations: the padding mask or, for a packed batch
+    (splitlora.data.packing), its position ids, which alone define the mask."""
+    if "position_ids" in batch:
+        return {"position_ids": batch["position_ids"]}
+    return {"attention_mask": batch["attention_mask"]}
+
+
+def mask_kwargs(metas: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+    """Keyword arguments (attention_mask, position_ids) for a whole model or a split segment
+    running the row-wise concatenation of the batches `metas` describe (batches or mask_meta's).
+
+    Unpacked: the padding mask alone (exactly as before packing existed). Packed: the position
+    ids and ``attention_mask=None``: transformers' masking then finds the examples from the
+    position ids (a new one wherever an id is not the previous plus one) and builds a
+    block-diagonal causal mask; with any 2-D mask it would not look. (The whole transformers model
+    must also run with ``use_cache=False``: with a cache it does not look either.) Rows of a
+    shorter batch are padded with position id 0, which makes every padding token a block of its
+    own."""
+    packed = ["position_ids" in m for m in metas]
+    if any(packed) != all(packed):
+        raise ValueError("cannot run packed and unpacked batches together")
+    key = "position_ids" if packed[0] else "attention_mask"
+    value = metas[0][key] if len(metas) == 1 else concat_right_padded([m[key] for m in metas])
+    if packed[0]:
+        return {"attention_mask": None, "position_ids": value}
+    return {"attention_mask": value}
+
+
 class Side:
     """One party's trainable modules with their optimizer, scheduler and clipping."""
 

@@ -12,7 +12,7 @@ from ..adapters import adapter_state, lora_plan, whole_model_names, whole_model_
 from ..memory import side_memory
 from ..timemodel import train_flops
 from ..transport import SERVER
-from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded
+from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded, mask_kwargs
 
 
 class Centralized(Strategy):
@@ -30,18 +30,21 @@ class Centralized(Strategy):
         self.model.config.use_cache = False
         self.side = Side([self.model], self.cfg.train)
 
-    def _logits(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def _logits(self, input_ids, attention_mask, position_ids=None):
+        # position_ids: a packed batch's (then attention_mask is None; see base.mask_kwargs).
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
     def train_step(self, step: int) -> StepResult:
         timer = Timer(self.device)
         with timer:
             self.side.zero_grad()
             batches = [self._batch(c) for c in range(self.num_clients)]
-            pad = {"input_ids": 0, "attention_mask": 0, "labels": -100}  # -100: no loss on padding
+            # -100: no loss on padding; position id 0: each padding token its own block (packed).
+            pad = {"input_ids": 0, "attention_mask": 0, "labels": -100, "position_ids": 0}
             batch = {k: concat_right_padded([b[k] for b in batches], pad.get(k, 0)) for k in batches[0]}
             with self.activation_peaks.measure(SERVER, batch["input_ids"].numel(), exclude=self.model.parameters()):
-                loss = causal_lm_loss(self._logits(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+                loss = causal_lm_loss(self._logits(batch["input_ids"], **mask_kwargs([batch])), batch["labels"])
             loss.backward()
             self.side.step()
         # Every client's batch at once, padded to the longest of them.

@@ -71,7 +71,7 @@ from ..adapters import adapter_state, lora_plan, whole_model_names
 from ..aggregate import fedavg
 from ..timemodel import forward_flops, train_flops
 from ..transport import SERVER, client_name
-from .base import StepResult, Strategy, Timer, causal_lm_loss, make_optimizer, make_scheduler
+from .base import StepResult, Strategy, Timer, causal_lm_loss, make_optimizer, make_scheduler, mask_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -286,14 +286,15 @@ class FedCyBGD(Strategy):
         return total
 
     # -- training -------------------------------------------------------------------------------------------
-    def _forward(self, work: _ClientRound, input_ids, attention_mask):
+    def _forward(self, work: _ClientRound, input_ids, attention_mask, position_ids=None):
         overrides = dict(work.context)
         for k, p in work.params.items():
             dtype = self._params[k].dtype
             overrides[k] = p if p.dtype == dtype else p.to(dtype)  # differentiable: grads reach the master
-        out = torch.func.functional_call(self.model, overrides, args=(),
-                                         kwargs={"input_ids": input_ids, "attention_mask": attention_mask,
-                                                 "use_cache": False})
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:  # a packed batch (attention_mask None; see base.mask_kwargs)
+            kwargs["position_ids"] = position_ids
+        out = torch.func.functional_call(self.model, overrides, args=(), kwargs=kwargs)
         return out.logits
 
     def train_step(self, step: int) -> StepResult:
@@ -309,7 +310,7 @@ class FedCyBGD(Strategy):
             with timer:
                 work.optimizer.zero_grad(set_to_none=True)
                 batch = self._batch(c)
-                loss = causal_lm_loss(self._forward(work, batch["input_ids"], batch["attention_mask"]),
+                loss = causal_lm_loss(self._forward(work, batch["input_ids"], **mask_kwargs([batch])),
                                       batch["labels"])
                 loss.backward()
                 if self.cfg.train.max_grad_norm is not None:

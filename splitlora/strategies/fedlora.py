@@ -12,7 +12,7 @@ from ..aggregate import fedavg
 from ..memory import most_demanding, side_memory
 from ..timemodel import train_flops
 from ..transport import client_name
-from .base import Side, StepResult, Strategy, Timer, causal_lm_loss
+from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, mask_kwargs
 
 
 class _WholeModel(nn.Module):
@@ -23,8 +23,8 @@ class _WholeModel(nn.Module):
         self.client = client
         self.server = server
 
-    def forward(self, input_ids, attention_mask):
-        return self.server(self.client(input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.server(self.client(input_ids, attention_mask, position_ids), attention_mask, position_ids)
 
 
 class FedLoRA(Strategy):
@@ -47,7 +47,7 @@ class FedLoRA(Strategy):
                 batch = self._batch(c)
                 with self.activation_peaks.measure(client_name(c), batch["input_ids"].numel(),
                                                    exclude=model.parameters()):
-                    loss = causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+                    loss = causal_lm_loss(model(batch["input_ids"], **mask_kwargs([batch])), batch["labels"])
                 loss.backward()
                 side.step()
             losses.append(loss.detach())

@@ -92,7 +92,7 @@ from ..hetero import (GIB, ClientPlan, ImportanceTracker, SegmentCost, client_pr
 from ..timemodel import count_params, forward_flops, train_flops
 from ..transport import SERVER, client_name
 from ..wire import pack_tensors
-from .base import Side, StepResult, causal_lm_loss, concat_right_padded
+from .base import Side, StepResult, causal_lm_loss, concat_right_padded, mask_kwargs
 from .splitfed import _SplitBase, client_parts
 
 logger = logging.getLogger(__name__)
@@ -241,13 +241,14 @@ class HSplitLoRA(_SplitBase):
         lc, ls = cfg.lora.client, cfg.lora.server
         pool: Dict[str, torch.Tensor] = {}
         server = ServerSegment(setup.base_model, self.cuts[0])
-        add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=cfg.seed)
+        dtype = cfg.lora.adapter_dtype
+        add_lora(server, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora, dtype), seed=cfg.seed)
         server.to(setup.device).train(setup.server.training)
         share_parameters(server, pool)
         templates = {}
         for k in self.cuts:
             segment = ClientSegment(setup.base_model, k)
-            add_lora(segment, lc.target_modules, LoraSpec(lc.r, lc.alpha, lc.dropout, lc.rslora), seed=cfg.seed)
+            add_lora(segment, lc.target_modules, LoraSpec(lc.r, lc.alpha, lc.dropout, lc.rslora, dtype), seed=cfg.seed)
             segment.to(setup.device).train(setup.client.training)
             share_parameters(segment, pool)
             templates[k] = segment
@@ -267,7 +268,8 @@ class HSplitLoRA(_SplitBase):
                 views[k] = self.server
                 continue
             view = ServerSegment(setup.base_model, k)
-            add_lora(view, ls.target_modules, LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora), seed=self.cfg.seed)
+            spec = LoraSpec(ls.r, ls.alpha, ls.dropout, ls.rslora, self.cfg.lora.adapter_dtype)
+            add_lora(view, ls.target_modules, spec, seed=self.cfg.seed)
             view.to(setup.device).train(self.server.training)
             share_parameters(view, pool, adapters=True)
             views[k] = view
@@ -285,7 +287,9 @@ class HSplitLoRA(_SplitBase):
                 return b * t * h * 4 + 128  # a float32 safetensors packet: the data and a small header
             return codec.packed_size((b, t, h), bits=bits, group_size=cfg.codec.group_size)
 
-        meta = pack_tensors({"attention_mask": torch.zeros(b, t, dtype=torch.long),
+        # What goes up beside the activations (base.mask_meta): a packed batch's position ids instead of its mask.
+        mask_key = "position_ids" if getattr(cfg.data, "packing", False) else "attention_mask"
+        meta = pack_tensors({mask_key: torch.zeros(b, t, dtype=torch.long),
                              "labels": torch.zeros(b, t, dtype=torch.long)}).numel()
         return SegmentCost.of(client_parts(self._templates[cut], None), cut_layer=cut, layers=cut, batch=b,
                               seq_len=t, hidden=h, heads=int(setup.base_model.config.num_attention_heads),
@@ -425,15 +429,15 @@ class HSplitLoRA(_SplitBase):
                     idx = sorted(by_cut[cut], key=lambda i: group[i])
                     sizes = [received[i].shape[0] for i in idx]
                     h = concat_right_padded([received[i] for i in idx]).requires_grad_(True)
-                    mask = concat_right_padded([metas[i]["attention_mask"] for i in idx])
+                    masks = mask_kwargs([metas[i] for i in idx])
                     if self._multi:
                         per_client = [0] * self.num_clients
                         for i, n in zip(idx, sizes):
                             per_client[group[i]] = n
                         with adapter_groups(self._views[cut], per_client):
-                            out = self._views[cut](h, mask)
+                            out = self._views[cut](h, **masks)
                     else:
-                        out = self._views[cut](h, mask)
+                        out = self._views[cut](h, **masks)
                     for i, logits in zip(idx, out.split(sizes)):
                         labels = metas[i]["labels"]
                         losses[i] = causal_lm_loss(logits[:, :labels.shape[1]], labels)

@@ -25,7 +25,8 @@ from ..memory import most_demanding, side_memory
 from ..timemodel import train_flops
 from ..transport import SERVER, TransportError, client_name, is_client_process
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
-from .base import Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded
+from .base import (Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded, mask_kwargs,
+                   mask_meta)
 
 
 def client_parts(head: nn.Module, tail: Optional[nn.Module]) -> nn.ModuleDict:
@@ -133,9 +134,10 @@ class _SplitBase(Strategy):
             self.client_sides[c].zero_grad()
             batch = self._batch(c)
             with self._client_meter(c, batch["input_ids"].numel()):
-                h = self.parts[c]["head"](batch["input_ids"], batch["attention_mask"])
+                h = self.parts[c]["head"](batch["input_ids"], **mask_kwargs([batch]))
             future = self.encoder.submit(self.act_up[c], h.detach())
-            meta = {"attention_mask": batch["attention_mask"]}
+            # The padding mask, or a packed batch's position ids (the server's mask is built from them).
+            meta = mask_meta(batch)
             if not self.u_shape:
                 meta["labels"] = batch["labels"]
             meta_packet = pack_tensors(meta)
@@ -177,7 +179,7 @@ class _SplitBase(Strategy):
         self._step_lengths = [r.shape[1] for r in received]  # per client of the group, for the time model
         # Clients' batches may differ in length (data.pad_to=batch): padded here, not on the wire.
         h_all = concat_right_padded(received).requires_grad_(True)
-        return h_all, sizes, self.server(h_all, concat_right_padded([m["attention_mask"] for m in metas]))
+        return h_all, sizes, self.server(h_all, **mask_kwargs(metas))
 
     def _server_compute(self, step: int, group: Sequence[int], received, metas):
         """Plain variant: one forward/backward over all clients' activations, one optimizer step;
@@ -276,7 +278,7 @@ class _SplitBase(Strategy):
             with self.rng(name), self._client_timers[c]:
                 a = self.act_down[c].decode(transport.recv(name, SERVER, "activations", step),
                                             self._hidden[c].dtype, self.device).requires_grad_(True)
-                loss = causal_lm_loss(self.parts[c]["tail"](a, self._batches[c]["attention_mask"]),
+                loss = causal_lm_loss(self.parts[c]["tail"](a, **mask_kwargs([self._batches[c]])),
                                       self._batches[c]["labels"])
                 loss.backward()
                 packet = self.grad_up[c].encode(a.grad)

@@ -205,3 +205,21 @@ def test_cuda_forward_and_gradients_match_the_cpu_layer(kind):
     torch.testing.assert_close(dx1, dx0, **tol)
     for a, b in zip(da1 + db1, da0 + db0):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_from_lora_layer_keeps_float32_adapters_on_a_bfloat16_base():
+    base = base_layer("linear").to(torch.bfloat16)
+    layer = FusedLoRALinear.from_linear(base, r=4, alpha=ALPHA, adapter_dtype=torch.float32)
+    multi = MultiLoRALinear.from_lora_layer(layer, [2, 3])
+    assert all(p.dtype == torch.float32 for p in [*multi.lora_A, *multi.lora_B])
+    randomize(multi)
+    x = torch.randn(3, 5, IN, dtype=torch.bfloat16)
+    with adapter_groups(multi, [1, 2]):
+        out = multi(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    # Gradients (and so the optimizer state) in the adapters' float32, non-zero for used adapters.
+    assert all(a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0 for a in multi.lora_A)
+    reference = MultiLoRALinear.from_lora_layer(FusedLoRALinear.from_linear(base_layer("linear").to(torch.bfloat16),
+                                                                              r=4, alpha=ALPHA), [2, 3])
+    assert all(p.dtype == torch.bfloat16 for p in reference.lora_A)

@@ -242,7 +242,7 @@ def test_out_of_range(override, key):
     ("device=tpu", "device", "cpu, cuda, auto"),
     ("transport=grpc", "transport", "local, dist"),
     ("model.dtype=float64", "model.dtype", "float32, bfloat16, float16"),
-    ("data.source=wiki", "data.source", "synthetic, e2e"),
+    ("data.source=wiki", "data.source", "synthetic, e2e, jsonl, json, csv, parquet, hf_disk"),
     ("data.partition=shards", "data.partition", "iid, dirichlet"),
     ("train.optimizer=adam", "train.optimizer", "adamw, sgd"),
     ("train.lr_schedule=step", "train.lr_schedule", "constant, linear, cosine"),

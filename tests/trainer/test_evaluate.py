@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from splitlora.data import DEFAULT_SEPARATOR, load_tokenizer, synthetic_examples, tokenize
+from splitlora.data.records import GenerationItem, generation_items_from_examples
 from splitlora.evaluate import (
     beam_search,
     corpus_bleu,
     evaluate_generation,
     evaluate_loss,
     generate,
+    generate_batch,
     greedy_search,
     lcs_length,
     rouge_l,
@@ -227,6 +229,163 @@ def test_beam_search_without_eos_stops_at_max_new_tokens():
     assert generate(fn, [1], max_new_tokens=0, eos_id=0) == []
     with pytest.raises(ValueError, match="prompt"):
         generate(fn, [], max_new_tokens=3, eos_id=0)
+
+
+def test_beam_search_stops_when_num_beams_have_finished():
+    # Hugging Face's early_stopping=True: once num_beams hypotheses have finished, the beams still
+    # running do not compete. Tokens: 0 eos, 1 start, 2 X, 3 Y, 4 Z. Step 1: eos (p 0.5) finishes
+    # [] (score log 0.5 / 1 = -0.69); X, Y run on. Step 2: X Z (0.27) runs on, Y eos (0.2) finishes
+    # [Y] (log 0.2 / 2 = -0.80): two finished, search over. [X, Z] would score log 0.27 / 2 = -0.65
+    # had it been let to compete.
+    table = [[1.0, 0, 0, 0, 0], [0.5, 0, 0.3, 0.2, 0], [0.1, 0, 0, 0, 0.9], [1.0, 0, 0, 0, 0],
+             [1.0, 0, 0, 0, 0]]
+    assert beam_search(TransitionTable(table), [1], max_new_tokens=10, eos_id=0, num_beams=2) == []
+    # Out of steps at step 2, the top num_beams candidates finish whatever their token: [X, Z] too, and wins.
+    assert beam_search(TransitionTable(table), [1], max_new_tokens=2, eos_id=0, num_beams=2) == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched generation (generate_batch) against one prompt at a time
+# ---------------------------------------------------------------------------------------------
+
+# Prompts of different lengths, in no length order: batches are left-padded and sorted by length.
+PROMPT_LENGTHS = (6, 1, 13, 3, 9, 4, 21)
+
+
+def _model(arch):
+    return TinyLM().model.eval() if arch == "gpt2" else _tiny_llama()
+
+
+def _prompts(seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def _some_stop_early(model, prompts, steps):
+    """An eos that ends some greedy rollouts before `steps` new tokens and not others."""
+    rollouts = [greedy_search(model, p, max_new_tokens=steps, eos_id=VOCAB) for p in prompts]
+    for token in dict.fromkeys(t for r in rollouts for t in r):
+        if 2 <= sum(token in r for r in rollouts) <= len(rollouts) - 2:
+            return token
+    raise AssertionError("no token ends some rollouts and not others")
+
+
+def _batch_sizes(model, calls):
+    """Record the batch size of every forward of `model` into `calls`; returns the hook."""
+    return model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_greedy_equals_one_at_a_time(arch):
+    model, prompts, steps = _model(arch), _prompts(), 16
+    eos = _some_stop_early(model, prompts, steps)
+    reference = [greedy_search(model, p, max_new_tokens=steps, eos_id=eos) for p in prompts]
+    assert 0 < sum(len(r) < steps for r in reference) < len(prompts)  # some stop at the eos, some run out
+    for batch_size in (1, 3, len(prompts) + 2):
+        calls = []
+        hook = _batch_sizes(model, calls)
+        try:
+            out = generate_batch(model, prompts, max_new_tokens=steps, eos_id=eos, pad_id=0, batch_size=batch_size)
+        finally:
+            hook.remove()
+        assert out == reference, batch_size  # exactly the same ids, in the order of the prompts
+        assert max(calls) == min(batch_size, len(prompts))  # decoded in batches, not one at a time
+    # The pad id is masked out: another one changes nothing.
+    assert generate_batch(model, prompts, max_new_tokens=steps, eos_id=eos, pad_id=eos, batch_size=4) == reference
+    assert generate_batch(model, prompts, max_new_tokens=0, eos_id=eos, batch_size=4) == [[]] * len(prompts)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_batched_beam_search_equals_beam_search(arch, length_penalty):
+    # transformers' beam search (early_stopping=True) against beam_search recomputing every
+    # prefix of one prompt with the same model behind a plain function: the same hypotheses.
+    model, prompts, steps = _model(arch), _prompts(), 10
+    plain = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    eos = _some_stop_early(model, prompts, steps)
+    reference = [beam_search(plain, p, max_new_tokens=steps, eos_id=eos, num_beams=3, length_penalty=length_penalty)
+                 for p in prompts]
+    greedy = [greedy_search(model, p, max_new_tokens=steps, eos_id=eos) for p in prompts]
+    assert reference != greedy  # beam search finds other hypotheses here: the comparison means something
+    for batch_size in (1, 3, len(prompts) + 2):
+        out = generate_batch(model, prompts, max_new_tokens=steps, eos_id=eos, pad_id=0, num_beams=3,
+                             length_penalty=length_penalty, batch_size=batch_size)
+        assert out == reference, batch_size
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_stop_ids_end_a_hypothesis(arch):
+    model, prompts, steps = _model(arch), _prompts(), 12
+    never = VOCAB  # no such token: only the stop ids end a rollout
+    free = [greedy_search(model, p, max_new_tokens=steps, eos_id=never) for p in prompts]
+    stops = {free[0][3], free[2][5]}
+
+    def cut(tokens):
+        return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+    expected = [cut(r) for r in free]
+    assert len(expected[0]) <= 3 and expected != free  # both cut rollouts short
+    plain = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    assert [greedy_search(model, p, max_new_tokens=steps, eos_id=never, stop_ids=stops) for p in prompts] == expected
+    assert [greedy_search(plain, p, max_new_tokens=steps, eos_id=never, stop_ids=stops) for p in prompts] == expected
+    for fn in (model, plain):  # batched through generate, and one at a time without a cache
+        assert generate_batch(fn, prompts, max_new_tokens=steps, eos_id=never, stop_ids=stops, pad_id=0,
+                              batch_size=3) == expected
+    # Beam search stops at them too (one beam: greedy), and treats them as it treats the eos.
+    assert [beam_search(plain, p, max_new_tokens=steps, eos_id=never, num_beams=1, stop_ids=stops)
+            for p in prompts] == expected
+    eos, other = sorted(stops)
+    assert generate_batch(model, prompts, max_new_tokens=steps, eos_id=eos, stop_ids=[other], num_beams=3,
+                          batch_size=4) == \
+        [beam_search(plain, p, max_new_tokens=steps, eos_id=other, stop_ids=[eos], num_beams=3) for p in prompts]
+
+
+def test_evaluate_generation_batched_keeps_order_and_equals_one_at_a_time(synthetic):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    examples, tok = synthetic
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=tok.vocab_size,
+                                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id,
+                                       initializer_range=0.5)).eval()
+    items = generation_items_from_examples(examples, tok)
+    assert len({len(i.prompt_ids) for i in items}) > 2  # prompts of several lengths
+    reference = [tok.decode(greedy_search(model, i.prompt_ids, max_new_tokens=10, eos_id=tok.eos_id)).strip()
+                 for i in items]
+    for batch_size in (1, 4, len(items) + 1):
+        result = evaluate_generation(model, items, tok, max_new_tokens=10, batch_size=batch_size)
+        assert [o["source"] for o in result["outputs"]] == [i.key for i in items]
+        assert [o["hypothesis"] for o in result["outputs"]] == reference
+        assert [o["references"] for o in result["outputs"]] == [list(i.references) for i in items]
+    # max_sources takes the first items.
+    first = evaluate_generation(model, items, tok, max_new_tokens=10, max_sources=3, batch_size=2)
+    assert first["num_sources"] == 3 and [o["hypothesis"] for o in first["outputs"]] == reference[:3]
+
+
+def test_evaluate_generation_takes_items_and_examples(synthetic):
+    examples, tok = synthetic
+    second = [type(e)(e.source, "It is a place .", e.group) for e in examples]
+    data = [x for pair in zip(examples, second) for x in pair]
+    oracle = Oracle(data, tok)
+    items = generation_items_from_examples(data, tok)
+    assert all(isinstance(i, GenerationItem) for i in items) and len(items) == len(examples)
+    from_items = evaluate_generation(oracle, items, tok, max_new_tokens=64)
+    from_examples = evaluate_generation(oracle, data, tok, max_new_tokens=64)
+    assert from_items == from_examples
+    # An item's key names it in the outputs; its prompt is what is decoded.
+    renamed = [GenerationItem(f"mr {n}", i.prompt_ids, i.references) for n, i in enumerate(items)]
+    out = evaluate_generation(oracle, renamed, tok, max_new_tokens=64)["outputs"]
+    assert [o["source"] for o in out] == [f"mr {n}" for n in range(len(items))]
+    assert [o["hypothesis"] for o in out] == [o["hypothesis"] for o in from_items["outputs"]]
+    # Stop ids end a hypothesis on this path (a bare logits_fn) too.
+    stop = tok.encode(" " + examples[0].target)[2]
+    stopped = evaluate_generation(oracle, items[:1], tok, max_new_tokens=64, stop_ids=[stop])
+    assert stopped["outputs"][0]["hypothesis"] == tok.decode(tok.encode(" " + examples[0].target)[:2]).strip()
+    with pytest.raises(TypeError, match="GenerationItem or Example"):
+        evaluate_generation(oracle, [items[0], data[0]], tok)
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate_generation(oracle, [], tok)
 
 
 # ---------------------------------------------------------------------------------------------
