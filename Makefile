@@ -32,8 +32,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 
 build: $(BUILD_STAMP)
 
+# Writes runs/demo/int8 and runs/demo/fp32 (`splitlora eval runs/demo` evaluates both); a rerun
+# replaces an earlier demo's runs there (--overwrite), which plain `splitlora demo` refuses to do.
 demo: build
-	$(PY) -m splitlora demo
+	$(PY) -m splitlora demo --overwrite
 
 # pytest exits 5 when it collected no test: that must fail, not pass silently.
 test: build

@@ -13,9 +13,9 @@ from bench/e2e.py when present) and
     per run) to bench/plots/<section>_*.png;
   - prints whether the issue's targets hold on this data.
 
-Runs of a quality size (bench.e2e --size quality-cpu or quality-gpu, recorded in suite.json) get
-a section of their own between `<!-- quality:begin -->` and `<!-- quality:end -->` (`quality-gpu`
-for the GPU size): per run BLEU, ROUGE-L, held-out loss and perplexity on the E2E test set, bytes at
+Runs of a quality size (bench.e2e --size quality-cpu, quality-chat-cpu or quality-gpu, recorded in
+suite.json) get a section of their own between `<!-- quality:begin -->` and `<!-- quality:end -->`
+(`quality-chat` for the chat size, `quality-gpu` for the GPU size): per run BLEU, ROUGE-L, held-out loss and perplexity on the E2E test set, bytes at
 the cut, steps and times, the SplitLoRA paper's BLEU for reference, a sample of what each run
 generates, and bench/plots/<section>_scores.png.
 
@@ -639,6 +639,17 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+# What the chat size (bench.e2e --size quality-chat-cpu) changes, for its section.
+CHAT_SETTING = (
+    "Through the user-data path: `bench/e2e_chat.py` writes each E2E line as a JSON-lines conversation (a user turn "
+    "\"Describe this restaurant in one sentence. Attributes: \" + the meaning representation, an assistant turn "
+    "with the reference), read with HF datasets (`data.source: jsonl`, `data.format: chat`) and rendered with "
+    "SmolLM2's own chat template (its default system turn included); the loss is on the assistant turn only "
+    "(its text and `<|im_end|>`), generation stops at `<|im_end|>`. The held-out loss is per assistant token of "
+    "the chat rendering, not comparable with the plain-prompt section's; BLEU and ROUGE-L are, on the same "
+    "meaning representations.")
+
+
 def describe_quality_setting(cfg: dict, n_mrs, n_lines) -> str:
     m, d, t, lo, e = cfg["model"], cfg["data"], cfg["train"], cfg["lora"], cfg["eval"]
     seqs = t["clients"] * t["batch_size"]
@@ -809,7 +820,8 @@ def quality_samples(rows: list) -> list:
     source = first[0][0]["source"]
     if any(f[0]["source"] != source for f in first):
         return []
-    lines = [f"What each run generates for the first meaning representation, `{source}` "
+    # A chat prompt is the whole rendered template: one line here, newlines shown as \n.
+    lines = [f"What each run generates for the first meaning representation, `{_cell(source, 400)}` "
              f"({len(first[0][0]['references'])} references; one of them: \"{first[0][0]['references'][0]}\"):", "",
              "| run | generated (greedy, up to the eos or the token limit) |", "|---|---|"]
     for r, f in zip(rows, first):
@@ -870,7 +882,10 @@ def quality_plot(rows: list, plots_dir: Path, prefix: str) -> list:
 def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str, stats: dict | None = None) -> str:
     cfg = rows[0]["run"]["config"]
     size = suite.get("size", "quality-cpu")
-    where = "CPU, a subset" if size == "quality-cpu" else "GPU, the full test set"
+    where = "GPU, the full test set" if size == "quality-gpu" else "CPU, a subset"
+    chat = cfg["data"].get("format") == "chat"
+    if chat:
+        where += ", E2E as chat data through the model's chat template"
     commands = sorted({r["bench"].get("command") or "" for r in rows} - {""})
     stats = bleu_statistics(rows) if stats is None else stats
     n_lines = n_mrs = None
@@ -893,9 +908,13 @@ def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str, s
         describe_quality_setting(cfg, n_mrs, n_lines),
         "",
         *differs_lines(rows),
+        *([CHAT_SETTING, ""] if chat else []),
         f"`{UNTRAINED}` is the model as loaded, evaluated in the same way with no training step (its adapters start "
-        "with B = 0 and add nothing), prompted as the fine-tuned runs are (the meaning representation and ` ||`, no "
-        "chat template or instruction): it shows what fine-tuning taught, not how well the model follows instructions. "
+        "with B = 0 and add nothing), prompted as the fine-tuned runs are ("
+        + ("the chat template, the instruction and the meaning representation: it shows how far the instruction "
+           "alone gets the model. " if chat else
+           "the meaning representation and ` ||`, no chat template or instruction): it shows what fine-tuning taught, "
+           "not how well the model follows instructions. ") +
         "Cut bytes: activations up and gradients down over the whole run, summed "
         "over clients; \"cut vs fp32\": splitlora-fp32's over this run's. \"final train loss\": mean of the last "
         f"{cfg['train']['log_every']} steps. The paper's BLEU is for reference only: GPT-2 medium on the standard E2E "
@@ -923,7 +942,9 @@ def quality_main(args, runs_dir: Path, suite: dict) -> int:
     for r in runs:
         r["bench"].setdefault("command", suite.get("runs", {}).get(r["name"], {}).get("command"))
     rows = quality_rows(runs)
-    name = args.section or ("quality" if suite.get("size") == "quality-cpu" else f"quality-{suite['size'].split('-')[-1]}")
+    # quality-cpu -> quality, quality-gpu -> quality-gpu, quality-chat-cpu -> quality-chat.
+    size = suite.get("size", "quality-cpu")
+    name = args.section or {"quality-cpu": "quality", "quality-chat-cpu": "quality-chat"}.get(size, size)
     results_path = ROOT / args.results
     plots = [] if args.no_write else quality_plot(rows, ROOT / args.plots, name)
     stats = bleu_statistics(rows)

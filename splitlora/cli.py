@@ -1,14 +1,18 @@
 """The `splitlora` command.
 
-    splitlora demo                                   SplitLoRA on the embedded default (CPU, ~2 min)
-    splitlora train --config FILE.yaml [key=value]   a training run from a config
-    splitlora eval RUN_DIR                           held-out loss, perplexity, BLEU of a run
+    splitlora demo                                   SplitLoRA on the embedded default (CPU, ~2 min):
+                                                     runs/demo/int8 and runs/demo/fp32
+    splitlora train --config FILE.yaml [key=value]   a training run from a config (flags and
+                                                     overrides in any order; --help: the sections)
+    splitlora eval RUN_DIR                           held-out loss, perplexity, BLEU of a run (of
+                                                     each run in RUN_DIR: splitlora eval runs/demo)
     splitlora export RUN_DIR OUT_DIR                 the run's adapters in PEFT format
     splitlora codec-demo                             the codec alone on a small model's smashed data
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Sequence
@@ -90,42 +94,94 @@ def run_codec_demo(args: argparse.Namespace) -> int:
 # --- training commands ------------------------------------------------------------------------
 
 
+def _number(value, digits: int) -> str:
+    """A number with `digits` decimals, in exponent form from a million on (a loss or perplexity
+    of a diverged run stays one short cell); '-' when missing."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if math.isfinite(value) and abs(value) >= 1e6:
+        return f"{value:.3e}"
+    return f"{value:.{digits}f}"
+
+
 def _summary_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -> str:
-    """One line per run: loss, perplexity, BLEU, bytes at the cut and in total, times."""
+    """One line per run: loss, perplexity, BLEU, bytes at the cut and in total, times. Every
+    column is as wide as its widest cell (header included), two spaces apart: no value, however
+    long, runs into the next column."""
     from splitlora.trainer import format_bytes
 
-    header = (f"{'run':<22}{'train loss':>11}{'eval loss':>10}{'ppl':>8}{'BLEU':>7}{'cut bytes':>12}"
-              f"{'vs fp32':>9}{'all bytes':>12}{'sim time':>10}{'wall':>8}")
-    lines = [header, "-" * len(header)]
+    header = ["run", "train loss", "eval loss", "ppl", "BLEU", "cut bytes", "vs fp32", "all bytes", "sim time",
+              "wall"]
     base_cut = None
     if baseline is not None:
         base_cut = baseline["bytes_by_kind"]["activations"] + baseline["bytes_by_kind"]["gradients"]
+    body = []
     for name, s in rows:
         cut = s["bytes_by_kind"]["activations"] + s["bytes_by_kind"]["gradients"]
         ratio = f"{base_cut / cut:.2f}x" if base_cut and cut else "-"
-        bleu = f"{s['bleu']:.1f}" if "bleu" in s else "-"
-        lines.append(f"{name:<22}{s['final_train_loss']:>11.3f}{s['eval_loss']:>10.3f}{s['eval_ppl']:>8.2f}{bleu:>7}"
-                     f"{format_bytes(cut):>12}{ratio:>9}{format_bytes(s['bytes_total']):>12}"
-                     f"{s['sim_time_s']:>9.1f}s{s['wall_time_s']:>7.0f}s")
-    return "\n".join(lines)
+        bleu = _number(s["bleu"], 1) if "bleu" in s else "-"
+        body.append([str(name), _number(s.get("final_train_loss"), 3), _number(s.get("eval_loss"), 3),
+                     _number(s.get("eval_ppl"), 2), bleu, format_bytes(cut), ratio, format_bytes(s["bytes_total"]),
+                     _number(s["sim_time_s"], 1) + "s", _number(s["wall_time_s"], 0) + "s"])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(header)]
+    out.append("-" * len(out[0]))
+    out.extend(line(row) for row in body)
+    return "\n".join(out)
+
+
+def _describe_model(cfg) -> str:
+    m = cfg.model
+    if m.config is None:
+        return f"the model {m.name or m.path}"
+    c = m.config
+    layers = c.get("n_layer", c.get("num_hidden_layers"))
+    width = c.get("n_embd", c.get("hidden_size"))
+    shape = f"{layers}-layer " if layers is not None else ""
+    dims = f" (d={width}, random weights)" if width is not None else " (random weights)"
+    return f"a {shape}{'GPT-2' if c.get('model_type') == 'gpt2' else c.get('model_type')}-shaped model{dims}"
+
+
+# Set by the demo for each of its two runs; not overridable there.
+_DEMO_KEYS = ("output_dir", "codec.bits", "resume", "overwrite")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from splitlora.config import load_config
+    from splitlora.preflight import check_output_dir
     from splitlora.trainer import train
 
-    base = [f"train.steps={args.steps}", f"seed={args.seed}"]
+    fixed = [o for o in args.overrides if o.partition("=")[0].strip() in _DEMO_KEYS]
+    if fixed:
+        args.subparser.error(f"{', '.join(fixed)}: set by the demo for its two runs; use --output-dir and "
+                             f"--overwrite, or `splitlora train` for a single run")
+    base = [f"train.steps={args.steps}", f"seed={args.seed}", *args.overrides]
+    if args.overwrite:
+        base.append("overwrite=true")
     runs = [("splitlora int8", [f"output_dir={args.output_dir}/int8", "codec.bits=8"]),
             ("splitlora fp32", [f"output_dir={args.output_dir}/fp32", "codec.bits=32"])]
-    cfg0 = load_config(None, base + runs[0][1])
-    print(f"SplitLoRA demo: a {cfg0.model.config['n_layer']}-layer GPT-2-shaped model (d={cfg0.model.config['n_embd']}, "
-          f"random weights) cut after block {cfg0.model.cut_layer}; {cfg0.train.clients} clients with "
-          f"{cfg0.train.batch_size} synthetic data-to-text examples each per step; LoRA r={cfg0.lora.client.r} on "
-          f"both sides; client adapters averaged every {cfg0.train.aggregate_every} steps; {args.steps} steps.")
+    configs = [(name, load_config(None, base + overrides)) for name, overrides in runs]
+    # Both folders checked before the first run trains: an earlier demo's runs are not replaced
+    # unless asked, and a refusal comes now rather than after the first run.
+    for _, cfg in configs:
+        try:
+            check_output_dir(cfg)
+        except ValueError:
+            raise ValueError(f"{cfg.output_dir} already holds a run (an earlier demo?); rerun with --overwrite to "
+                             f"replace the demo's runs, or give another --output-dir") from None
+    cfg0 = configs[0][1]
+    print(f"SplitLoRA demo: {_describe_model(cfg0)} cut after block {cfg0.model.cut_layer}; {cfg0.train.clients} "
+          f"clients with {cfg0.train.batch_size} synthetic data-to-text examples each per step; LoRA "
+          f"r={cfg0.lora.client.r} on both sides; client adapters averaged every {cfg0.train.aggregate_every} steps; "
+          f"{cfg0.train.steps} steps.")
     print("The same run twice: activations and gradients sent as int8 packets, then uncompressed fp32.\n")
     results = []
-    for name, overrides in runs:
-        cfg = load_config(None, base + overrides)
+    for name, cfg in configs:
         results.append((name, train(cfg, progress=not args.no_progress)))
     print()
     print(_summary_table(results, baseline=results[1][1]))
@@ -135,7 +191,8 @@ def run_demo(args: argparse.Namespace) -> int:
               f"  generated: {sample[0]['hypothesis']}\n  reference: {sample[0]['references'][0]}")
     print(f"\ncut bytes: activations up + gradients down, summed over clients and steps; sim time: the time model "
           f"(clients {cfg0.network.client_tflops:g} TFLOPS, server {cfg0.network.server_tflops:g} TFLOPS, "
-          f"{cfg0.network.bandwidth_mbps:g} Mbit/s links); runs, metrics, plots and PEFT adapters in {args.output_dir}/")
+          f"{cfg0.network.bandwidth_mbps:g} Mbit/s links); runs, metrics, plots and PEFT adapters in "
+          f"{args.output_dir}/int8 and {args.output_dir}/fp32 (`splitlora eval {args.output_dir}` evaluates both)")
     return 0
 
 
@@ -153,29 +210,55 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(run_dir: str, command: str) -> list:
+    """The run folders `run_dir` names: itself, or the runs in its subfolders (the demo's)."""
+    from splitlora.preflight import runs_in
+
+    runs = runs_in(run_dir)
+    if not runs:
+        raise ValueError(f"{run_dir} is not a run folder (no config.yaml, nor any run in its subfolders); pass the "
+                         f"output_dir of a training run")
+    if len(runs) > 1 and command == "export":
+        names = ", ".join(p.name for p in runs)
+        raise ValueError(f"{run_dir} holds {len(runs)} runs ({names}); export one of them, e.g. "
+                         f"splitlora export {runs[0]} OUT_DIR")
+    return runs
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from splitlora.trainer import evaluate, load_run, write_generations
 
-    built, strategy, step = load_run(args.run_dir)
-    result = evaluate(strategy, built, generate=not args.no_generate)
-    if args.generations:
-        result = write_generations(args.generations, result)
-    result.pop("outputs", None)
-    result["step"] = step
-    print(json.dumps(result, indent=2))
+    runs = _runs(args.run_dir, "eval")
+    if len(runs) > 1 and args.generations:
+        raise ValueError(f"--generations writes one run's outputs; {args.run_dir} holds {len(runs)} runs "
+                         f"({', '.join(p.name for p in runs)}): evaluate one of them, e.g. "
+                         f"splitlora eval {runs[0]} --generations {args.generations}")
+    results = {}
+    for run in runs:
+        built, strategy, step = load_run(run)
+        result = evaluate(strategy, built, generate=not args.no_generate)
+        if args.generations:
+            result = write_generations(args.generations, result)
+        result.pop("outputs", None)
+        result["step"] = step
+        results[str(run)] = result
+    # One run: its scores; a folder of runs (the demo's): {run folder: scores}.
+    print(json.dumps(results[str(runs[0])] if len(runs) == 1 else results, indent=2))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from splitlora.trainer import export_adapter, load_run
+    from splitlora.trainer import export_adapter, export_whole_model, load_run
 
-    built, strategy, step = load_run(args.run_dir)
+    (run,) = _runs(args.run_dir, "export")
+    built, strategy, step = load_run(run)
     if hasattr(strategy, "export_model"):
-        strategy.export_model(Path(args.out_dir))
+        # With the tokenizer beside it, loadable by plain transformers (as a run's own model/ is).
+        export_whole_model(strategy, built, Path(args.out_dir))
         print(f"wrote the fine-tuned model of step {step} (save_pretrained) to {args.out_dir}")
         return 0
     path = export_adapter(strategy, built, Path(args.out_dir))
@@ -183,35 +266,76 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# One line per section of the config (splitlora.config.RunConfig), for `splitlora train --help`.
+_SECTIONS = {
+    "model": "name, path (+ gguf_file) or config (transformers, random weights); dtype, cut_layer",
+    "data": "source (synthetic, e2e or your files), tokenizer, format, max_length, partition",
+    "lora": "adapter_dtype; client.* and server.*: r, alpha, dropout, target_modules, rslora",
+    "train": "clients, steps, batch_size, lr, lr_schedule, optimizer, aggregate_every, u_shape, ...",
+    "codec": "compression at the cut: bits (32, 16, 8, 4, 2), group_size, error_feedback, ...",
+    "network": "the time model's setting: client/server TFLOPS, bandwidth, latency, timeout",
+    "eval": "held-out evaluation: generate, max_new_tokens, num_beams, max_sources, batch_size",
+    "fedcybgd": "strategy fedcybgd: block order and size, downloads (configs/fedcybgd.yaml)",
+    "hsplitlora": "strategy hsplitlora: devices, cut and rank ranges (configs/hsplitlora.yaml)",
+}
+def _train_epilog() -> str:
+    import dataclasses
+    import typing
+
+    from splitlora.config import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    fields = dataclasses.fields(RunConfig)
+    top = [f.name for f in fields if not dataclasses.is_dataclass(hints[f.name])]
+    sections = [f.name for f in fields if dataclasses.is_dataclass(hints[f.name])]
+    width = max(len(n) for n in ["top-level", *sections])
+    lines = ["config sections (every key with its default and meaning: configs/demo.yaml; the fedcybgd and",
+             "hsplitlora sections: configs/fedcybgd.yaml, configs/hsplitlora.yaml):",
+             f"  {'top-level':<{width}}  {', '.join(top)}"]
+    for name in sections:
+        lines.append(f"  {name:<{width}}  {_SECTIONS.get(name, 'see configs/demo.yaml')}")
+    lines += ["",
+              "overrides: section.key=value (a YAML value), before, between or after the flags, e.g.",
+              "  splitlora train --config configs/demo.yaml train.steps=50 --no-progress codec.bits=4",
+              "An unknown key, a wrong type or a value out of range stops the run before it starts."]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitlora", description="Split federated fine-tuning of LLMs with LoRA.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="SplitLoRA on the embedded default model and data (CPU, about 2 minutes)")
+    demo = sub.add_parser("demo", help="SplitLoRA on the embedded default model and data (CPU, about 2 minutes)",
+                          description="Trains the demo twice (int8 and fp32 at the cut) into OUTPUT_DIR/int8 and "
+                                      "OUTPUT_DIR/fp32. key=value overrides apply to both runs.",
+                          usage="splitlora demo [-h] [--steps N] [--seed N] [--output-dir DIR] [--overwrite] "
+                                "[--no-progress] [key=value ...]")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in OUTPUT_DIR")
     demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(handler=run_demo)
+    demo.set_defaults(handler=run_demo, subparser=demo, takes_overrides=True)
 
-    tr = sub.add_parser("train", help="train from a YAML config with key=value overrides")
-    tr.add_argument("--config", default=None, help="YAML config (default: the demo settings)")
-    tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=50 codec.bits=4")
-    tr.add_argument("--no-progress", action="store_true")
-    tr.set_defaults(handler=run_train)
+    tr = sub.add_parser("train", help="train from a YAML config with key=value overrides",
+                        usage="splitlora train [-h] [--config FILE] [--no-progress] [key=value ...]",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_train_epilog())
+    tr.add_argument("--config", default=None, metavar="FILE", help="YAML config (default: the demo settings)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(handler=run_train, subparser=tr, takes_overrides=True)
 
-    ev = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder")
-    ev.add_argument("run_dir")
+    ev = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder (or of each run in it)")
+    ev.add_argument("run_dir", help="a run's output_dir, or a folder of runs (the demo's runs/demo): each is evaluated")
     ev.add_argument("--no-generate", action="store_true", help="loss and perplexity only, no decoding/BLEU")
     ev.add_argument("--generations", default=None, metavar="FILE",
                     help="write every decoded output (source, hypothesis, references) to FILE as JSON lines")
-    ev.set_defaults(handler=run_eval)
+    ev.set_defaults(handler=run_eval, subparser=ev, takes_overrides=False)
 
     ex = sub.add_parser("export", help="write a run's adapters in PEFT format")
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
-    ex.set_defaults(handler=run_export)
+    ex.set_defaults(handler=run_export, subparser=ex, takes_overrides=False)
 
     codec_demo = sub.add_parser("codec-demo", help="compress a small model's smashed data at every bit width")
     codec_demo.add_argument("--batch", type=int, default=8)
@@ -220,15 +344,33 @@ def build_parser() -> argparse.ArgumentParser:
     codec_demo.add_argument("--group-size", type=int, default=64)
     codec_demo.add_argument("--steps", type=int, default=20)
     codec_demo.add_argument("--seed", type=int, default=0)
-    codec_demo.set_defaults(handler=run_codec_demo)
+    codec_demo.set_defaults(handler=run_codec_demo, subparser=codec_demo, takes_overrides=False)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags and key=value overrides in any order: what argparse does not take is an override when
+    it reads key=value and the command takes overrides (train, demo), else argparse's usual error."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides, unknown = [], []
+    for item in rest:
+        key, sep, _ = item.partition("=")
+        (overrides if sep and key.strip() and not item.startswith("-") else unknown).append(item)
+    if unknown:
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and not args.takes_overrides:
+        args.subparser.error(f"unrecognized arguments: {' '.join(overrides)} (splitlora {args.command} takes "
+                             f"no key=value overrides)")
+    args.overrides = overrides
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as err:  # ConfigError included: a message the user can act on, no traceback
+    except (ValueError, FileNotFoundError) as err:  # ConfigError included: a message the user can act on
         print(f"splitlora {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

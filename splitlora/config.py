@@ -18,6 +18,12 @@ Rules worth knowing:
   name or path: while it still equals that default, setting ``model.name`` or ``model.path`` unsets
   it, so ``configs/demo.yaml model.path=my-model`` works without ``model.config=null``. Leaving all
   three unset (null) also means the demo model. The resolved value is what ``dump_config`` writes.
+  It gives way to another model type too: when no file sets ``model.config`` and an override sets
+  ``model.config.model_type`` to another type than the demo's gpt2, the config starts empty for
+  that type, with only the ``model.config.*`` keys the overrides give (GPT-2's n_layer, n_embd...
+  would mean nothing to it). Keys a file gives stay: a key that is not one of the model type's
+  config class is an error naming it when the model is built (``models.load_causal_lm``, which
+  imports transformers; this module does not), as is a model too large for the memory available.
 - ``model.config["vocab_size"] = None`` means "the tokenizer's vocabulary size".
 - Floats written without a dot (``2e-4``) are floats, as in YAML 1.2 (PyYAML alone would read a
   string). Integers are accepted for float fields; booleans must be ``true``/``false``.
@@ -310,8 +316,12 @@ class HSplitLoRAConfig:
 class RunConfig:
     strategy: str = "splitlora"
     seed: int = 0
-    output_dir: str = "runs/demo"
+    # `splitlora demo` writes its two runs to runs/demo/int8 and runs/demo/fp32; a train run here.
+    output_dir: str = "runs/train"
+    # An output_dir that already holds a run is refused, unless resume (continue it from its last
+    # checkpoint) or overwrite (delete its files, then start again) is set.
     resume: bool = False
+    overwrite: bool = False
     device: str = "cpu"
     transport: str = "local"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -525,6 +535,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     one_of("strategy", cfg.strategy, STRATEGIES)
     at_least("seed", cfg.seed, 0)
     non_empty("output_dir", cfg.output_dir)
+    if cfg.resume is True and cfg.overwrite is True:
+        errors.append("overwrite: resume=true continues the run in output_dir, overwrite=true deletes it; "
+                      "set one of them")
     one_of("device", cfg.device, DEVICES)
     one_of("transport", cfg.transport, TRANSPORTS)
 
@@ -780,6 +793,8 @@ def validate_model_layers(cfg: RunConfig, num_layers: int) -> int:
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``dotted.key=yaml_value`` overrides to a raw config mapping (a modified deep copy)."""
     data = copy.deepcopy(data)
+    implicit_default = False  # model.config was filled in with DEFAULT_MODEL_CONFIG by an override
+    explicit: set[str] = set()  # the model.config keys the overrides set
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -792,6 +807,12 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         parts = key.split(".")
         if any(not p for p in parts):
             raise ConfigError(f"override {item!r}: empty part in the key {key!r}")
+        if parts[:2] == ["model", "config"]:
+            if len(parts) == 2:  # the whole mapping: what it says is all there is
+                implicit_default = False
+                explicit.clear()
+            else:
+                explicit.add(parts[2])
         node = data
         for depth, part in enumerate(parts[:-1]):
             here = ".".join(parts[: depth + 1])
@@ -800,6 +821,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
                 # Keys under model.config extend the model config in effect: the demo one by default.
                 if here == "model.config" and not (node.get("name") or node.get("path")):
                     child = copy.deepcopy(DEFAULT_MODEL_CONFIG)
+                    implicit_default = True
                 else:
                     child = {}
                 node[part] = child
@@ -807,6 +829,12 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
                 raise ConfigError(f"{key}: cannot set it, {here} is {_describe(child)}, not a mapping")
             node = child
         node[parts[-1]] = value
+    if implicit_default:
+        # The demo's GPT-2 keys came with the default, not from the user: another model type starts
+        # from its own defaults and the keys the overrides give (module docstring).
+        model_config = data["model"]["config"]
+        if isinstance(model_config, dict) and model_config.get("model_type") != DEFAULT_MODEL_CONFIG["model_type"]:
+            data["model"]["config"] = {k: v for k, v in model_config.items() if k in explicit}
     return data
 
 

@@ -12,6 +12,7 @@ safetensors folder in a local cache (`$SPLITLORA_CACHE`, default `~/.cache/split
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -23,7 +24,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["NAMED_MODELS", "NamedModel", "load_causal_lm", "load_bottom_layers", "default_cache_dir"]
+__all__ = ["NAMED_MODELS", "NamedModel", "load_causal_lm", "load_bottom_layers", "default_cache_dir",
+           "check_config_keys", "check_fits_in_memory", "MEMORY_MARGIN"]
 
 # A marker written last into a converted folder: a folder without it is not a finished conversion.
 _SOURCE_FILE = "splitlora_source.json"
@@ -145,13 +147,112 @@ def _from_config(config: Mapping[str, Any], dtype: torch.dtype, seed: int):
             f"config['model_type']={model_type!r} has no causal LM class in transformers; "
             "use e.g. 'gpt2', 'llama', 'qwen3', 'gemma2' or 'phi3'."
         )
+    check_config_keys(model_type, kwargs)
     hf_config = AutoConfig.for_model(model_type, **kwargs)
     # Seed a private RNG stream so the same seed gives the same weights whatever ran before, and the
     # caller's own random state is not consumed.
     with torch.random.fork_rng(devices=[]):
+        check_fits_in_memory(hf_config, dtype, f"a {model_type} model built from model.config")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     return model.eval()
+
+
+# Keys every config takes besides its class's own fields (PretrainedConfig.__post_init__ reads
+# them): the special token ids the trainer fills in from its tokenizer, and older spellings.
+_GENERAL_CONFIG_KEYS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "vocab_size", "torch_dtype", "num_labels", "name_or_path",
+    "output_attentions", "attn_implementation", "experts_implementation",
+})
+_ROPE_LEGACY_KEYS = frozenset({"rope_theta", "rope_scaling", "partial_rotary_factor"})
+# The same setting under the names other model types give it (GPT-2's n_layer is everyone else's
+# num_hidden_layers): suggested when the misnamed key is not a key of the model type.
+_OTHER_NAMES = {
+    "n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+    "n_positions": "max_position_embeddings", "n_inner": "intermediate_size", "n_ctx": "max_position_embeddings",
+    "activation_function": "hidden_act", "hidden_activation": "hidden_act", "hidden_act": "hidden_activation",
+    "layer_norm_epsilon": "rms_norm_eps", "layer_norm_eps": "rms_norm_eps", "rms_norm_eps": "layer_norm_epsilon",
+    "attn_pdrop": "attention_dropout", "attention_dropout": "attn_pdrop",
+    "num_layers": "num_hidden_layers", "d_model": "hidden_size", "num_heads": "num_attention_heads",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _config_keys(config_class) -> frozenset:
+    """The keys `config_class(**kwargs)` takes as settings: its __init__ parameters, the attributes
+    of a default instance, its attribute_map's aliases and the general keys above."""
+    import inspect
+
+    keys = {name for name, p in inspect.signature(config_class.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    default = config_class()
+    keys |= {k for k in vars(default) if not k.startswith("_")}
+    keys |= set(getattr(config_class, "attribute_map", {}) or {})
+    keys |= _GENERAL_CONFIG_KEYS
+    if hasattr(default, "rope_parameters"):
+        keys |= _ROPE_LEGACY_KEYS
+    return frozenset(keys)
+
+
+def check_config_keys(model_type: str, config: Mapping[str, Any]) -> None:
+    """Raise ConfigError when `config` holds keys that `model_type`'s config class does not take.
+
+    transformers keeps any unknown keyword as an attribute that nothing reads, so `n_layer=2` on a
+    llama config would silently build the default 32-layer model. One line per key, with the key of
+    that config meant (`n_layer`: did you mean num_hidden_layers?) when one is near."""
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .config import ConfigError
+
+    config_class = CONFIG_MAPPING[model_type]
+    valid = _config_keys(config_class)
+    unknown = [k for k in config if k != "model_type" and k not in valid]
+    if not unknown:
+        return
+    lines = []
+    for key in unknown:
+        other = _OTHER_NAMES.get(key)
+        close = [other] if other in valid else difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"model.config.{key}: not a key of a {model_type} config ({config_class.__name__}){hint}")
+    example = ", ".join(f"{k}: ..." for k in ("num_hidden_layers", "hidden_size") if k in valid)
+    if len(unknown) > 1:  # several: most likely the keys of the model type that was there before
+        lines.append(f"model.config: {len(unknown)} keys the {model_type} config does not take "
+                     f"({', '.join(unknown)}); keys of another model type? give the whole mapping instead, "
+                     f"e.g. \"model.config={{model_type: {model_type}{', ' + example if example else ''}}}\"")
+    raise ConfigError(lines)
+
+
+# Memory needed beside the weights themselves when building and training a model (the adapters and
+# their optimizer state, activations, the allocator's slack): the check asks for the weights' bytes
+# times 1 + MEMORY_MARGIN, a lower bound (full-parameter training, FedCyBGD, needs more).
+MEMORY_MARGIN = 0.2
+
+
+def check_fits_in_memory(hf_config, dtype: torch.dtype, what: str) -> int:
+    """The parameter count of the model `hf_config` describes, counted on the meta device (nothing
+    allocated); ValueError with the count and the memory it needs when that exceeds the memory
+    available now (psutil's virtual_memory().available), before anything is allocated."""
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    count = sum(p.numel() for p in skeleton.parameters())  # tied weights once
+    del skeleton
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = int(count * itemsize * (1 + MEMORY_MARGIN))
+    available = psutil.virtual_memory().available
+    if need > available:
+        dtype_name = str(dtype).replace("torch.", "")
+        hint = " or model.dtype=bfloat16" if itemsize > 2 else ""
+        raise ValueError(
+            f"model: {what} has {count:,} parameters, which need about {need / 2**30:,.1f} GiB as {dtype_name} "
+            f"({itemsize} bytes each + {MEMORY_MARGIN:.0%} margin), but {available / 2**30:,.1f} GiB of memory is "
+            f"available; use a smaller model (model.config: fewer or narrower layers){hint}")
+    return count
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -176,6 +277,9 @@ def _from_folder(folder: Path, gguf_file: Optional[str], dtype: torch.dtype):
             f"path={str(folder)!r} holds no config.json; give a folder written by save_pretrained "
             "(or a GGUF file in it with gguf_file=)."
         )
+    from transformers import AutoConfig
+
+    check_fits_in_memory(AutoConfig.from_pretrained(folder, local_files_only=True), dtype, f"the model in {str(folder)!r}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if _has_tokenizer(folder) else None
     return model.eval(), tokenizer

@@ -5,8 +5,10 @@
 
 The run folder (`output_dir`) holds `config.yaml` (the resolved config), `metrics.jsonl` (one
 line per step, round and evaluation), `summary.json`, `generations.jsonl` (every decoded output of
-the final evaluation, when it generates), `checkpoints/`, the exported PEFT adapter
-(`adapter/`) and `loss.png`. A run with `resume: true` continues from the last checkpoint and
+the final evaluation, when it generates), `checkpoints/`, the exported PEFT adapter with the
+tokenizer (`adapter/`; for a base model built from a config or read from a GGUF file, the base
+model is saved to `base_model/`, which the adapter's config names; FedCyBGD, which trains full
+weights, writes the whole model to `model/` instead; see `export_result`) and `loss.png`. A run with `resume: true` continues from the last checkpoint and
 ends exactly where an uninterrupted run would have.
 """
 from __future__ import annotations
@@ -16,7 +18,11 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -26,7 +32,8 @@ import torch
 from . import config as config_mod
 from .adapters import LoraSpec, add_lora, check_targets_exist, existing_targets, whole_model_with_adapters
 from .architectures import check_split
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, checkpoint_step, find_checkpoint, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from .timemodel import SIM_LINK_KEYS, TimeModel, as_sim_time, count_params, peak_memory_bytes
 from .transport import is_client_process, make_transport
 
@@ -103,8 +110,11 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     from .split import split_model, split_model_u_shape
     from .strategies import TrainSetup
 
+    from .preflight import check_input_paths
+
     device = resolve_device(cfg.device)
     d = cfg.data
+    check_input_paths(cfg)  # a missing model folder or tokenizer: one line naming the key, before any work
     records = load_records(d, clients=cfg.train.clients, seed=cfg.seed)
     for line in records.notes:
         log(line)
@@ -113,7 +123,10 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     # data); a named or saved model brings its own unless data.tokenizer names another.
     tokenizer = None
     if d.tokenizer is not None:
-        tokenizer = load_tokenizer(d.tokenizer)
+        try:
+            tokenizer = load_tokenizer(d.tokenizer)
+        except (OSError, ValueError) as err:  # not a tokenizer: one line naming the key
+            raise ValueError(f"data.tokenizer: {err}") from None
     elif cfg.model.config is not None:
         tokenizer = WordTokenizer.from_texts(record_texts(records.train + records.eval, d.chat_template))
     source = _model_source(cfg, tokenizer.vocab_size if tokenizer is not None else 0, tokenizer)
@@ -245,15 +258,28 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # a line cut short by a killed process (SIGKILL, power loss): it is redone
+                record = None
+            if isinstance(record, dict) and record.get("step", -1) <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # One write(2) of the whole line: an interruption leaves the line whole or absent.
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (rare on a regular file): finish the line
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
 
     def read(self) -> List[dict]:
         if not self.path.exists():
@@ -376,7 +402,8 @@ def _start_distributed(cfg, log):
 
 
 def _agree_on_resume_step(step: int) -> int:
-    """Every rank resumes from the newest checkpoint that all ranks have."""
+    """Every rank resumes from the newest checkpoint that all ranks have: the smallest of the
+    ranks' newest valid steps (0: some rank has none; -1: some rank refuses to resume)."""
     import torch.distributed as dist
 
     # NCCL reduces CUDA tensors only (each rank has its GPU set by init_distributed); gloo, CPU ones.
@@ -386,24 +413,272 @@ def _agree_on_resume_step(step: int) -> int:
     return int(value.item())
 
 
+# --- resume: which checkpoint, and whether this config may continue it ------------------------
+
+# Keys a resumed run may change (a dotted key, or a whole section): how long it runs and what it
+# reports, where it runs, and the simulated network (the time model only; under hsplitlora the
+# client-side network keys size each client's cut and ranks, see _may_change_on_resume). device is
+# accepted: the checkpoint is device-independent and moving a run to other hardware (the GPU
+# machine died, finish on another) is legitimate, though the continuation is then not
+# bit-identical to an uninterrupted run on the first device (the resume line says so). Every other
+# key changes the result (model, data, strategy, lora, codec, seed, transport, the rest of train.*).
+RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "device", "train.steps", "train.eval_every",
+                     "train.log_every", "train.checkpoint_every", "eval", "network")
+_HSPLITLORA_NETWORK = ("network.client_tflops", "network.bandwidth_mbps", "network.latency_ms")
+
+
+def _may_change_on_resume(key: str, cfg) -> bool:
+    if cfg.strategy == "hsplitlora" and key in _HSPLITLORA_NETWORK:
+        return False  # hsplitlora sizes each client's cut and ranks from them (hetero.client_profiles)
+    section = key.split(".", 1)[0]
+    if section in ("fedcybgd", "hsplitlora") and cfg.strategy != section:
+        return True  # another strategy's section: ignored by this run
+    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def config_changes(old, new) -> List[tuple]:
+    """(dotted key, old value, new value) for every key whose value differs between two configs
+    (RunConfig or config_to_dict dicts); a key only one of them has gets `_ABSENT` on the other side
+    (shown as `(absent)`)."""
+    a = _flat_config(old if isinstance(old, dict) else config_mod.config_to_dict(old))
+    b = _flat_config(new if isinstance(new, dict) else config_mod.config_to_dict(new))
+    keys = list(a) + [k for k in b if k not in a]
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _check_resume_config(path: Path, cfg, step: int, log: Callable[[str], None]) -> List[str]:
+    """Compares the run's config.yaml with `cfg`, about to continue the run from its checkpoint of
+    `step`: prints the accepted changes (one line) and returns one problem per refused key."""
+    problems = []
+    if cfg.train.steps < step:
+        problems.append(f"train.steps: {cfg.train.steps} is fewer than the {step} steps the checkpoint has done "
+                        f"(ask for {step} or more)")
+    if not path.is_file():
+        log(f"resume: {path} is missing, so this config cannot be compared with the run's; continuing with it")
+        return problems
+    try:
+        old = config_mod.load_config(path)
+    except config_mod.ConfigError as err:
+        log(f"warning: resume: cannot read {path} to compare it with this config ({err}); continuing with this one, "
+            "unchecked")
+        return problems
+    accepted = []
+    for key, before, after in config_changes(old, cfg):
+        if _may_change_on_resume(key, cfg):
+            if key not in ("resume", "overwrite"):
+                accepted.append(f"{key} {_show(before)} -> {_show(after)}")
+        else:
+            problems.append(f"{key}: {_show(before)} -> {_show(after)}")
+    if accepted and not problems:
+        notes = []
+        if old.train.steps != cfg.train.steps and cfg.train.lr_schedule != "constant":
+            notes.append(f"train.lr_schedule={cfg.train.lr_schedule} now decays to 0 at step {cfg.train.steps}, "
+                         f"not {old.train.steps}")
+        if (cfg.train.steps > old.train.steps == step and step % cfg.train.aggregate_every
+                and cfg.train.aggregate_every > 1):
+            notes.append(f"the run's last round ended early, at step {step}")
+        if old.device != cfg.device:
+            notes.append("on another device the numbers differ in the last bits from an uninterrupted run")
+        log("resume: changed " + ", ".join(accepted) + (f" ({'; '.join(notes)})" if notes else ""))
+    return problems
+
+
+def _resume_refused(out: Path, problems: List[str]) -> config_mod.ConfigError:
+    err = config_mod.ConfigError(problems)
+    err.args = (f"resume=true, but this config would not continue the run in {out} (its config.yaml), "
+                "in key(s) that change the result (the run's value -> this config's):\n  " + "\n  ".join(problems)
+                + "\nresume with the run's values, or start a new run (another output_dir, or resume=false)",)
+    return err
+
+
+def _resume_point(cfg, role, out: Path, ckpt_dir: Path, log: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint a resume=true run continues from: the newest that verifies
+    (checkpoint.find_checkpoint; the skipped ones are printed), None when there is none at all.
+    Raises when checkpoints exist but none verifies, and (ConfigError) when this config may not
+    continue the run (`_check_resume_config`). Under transport=dist every rank takes the newest step
+    that all of them have, and a refusal on any rank stops them all."""
+    from .transport import SERVER
+
+    refusal = None
+    found = None
+    step = 0
+    try:
+        found = find_checkpoint(ckpt_dir, log=log)
+        if found is not None:
+            step = checkpoint_step(found)
+            problems = _check_resume_config(out / "config.yaml", cfg, step, log) if role in (None, SERVER) else (
+                [f"train.steps: {cfg.train.steps} is fewer than the {step} steps the checkpoint has done"]
+                if cfg.train.steps < step else [])
+            if problems:
+                raise _resume_refused(out, problems)
+    except ValueError as err:  # CheckpointError, ConfigError
+        if role is None:
+            raise
+        refusal = err
+    if role is not None:
+        common = _agree_on_resume_step(-1 if refusal is not None else step)
+        if refusal is not None:
+            raise refusal
+        if common < 0:
+            raise ValueError(f"{role}: another process of the run refused to resume (its output says why)")
+        if common != step:
+            log(f"resume: {role} has the checkpoint of step {step}, but not every process has it: all resume "
+                f"from step {common}" + (" (the newest they all have)" if common else ", from scratch"))
+            found = ckpt_dir / f"step_{common:08d}" if common else None
+            if found is not None:
+                try:
+                    verify_checkpoint(found)
+                except CheckpointError as err:
+                    raise CheckpointError(f"{role}: the checkpoint of step {common}, the newest that every process "
+                                          f"has, is unusable in {ckpt_dir}: {err}") from None
+    return found
+
+
+# --- interruption: SIGINT (Ctrl-C) and SIGTERM ---------------------------------------------------
+
+class RunInterrupted(SystemExit):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM. Nothing is left half-written (checkpoints are
+    renamed into place whole, metrics.jsonl lines are written whole); `message`, already printed
+    to stderr as one line, says where to resume from; the exit status (`code`) is 128 + the
+    signal's number, 130 or 143, as a shell reports a process stopped by it. A SystemExit, so the
+    command ends with that status and no traceback."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_UNKNOWN = object()
+
+
+class _Interrupts:
+    """While a run trains (a context manager): SIGINT and SIGTERM raise KeyboardInterrupt in the
+    main thread, except inside `atomic()` (a checkpoint being written), which finishes first; the
+    previous handlers come back at the end, and a signal the process ignores (nohup, a background
+    job) stays ignored. Knows where the run is (`step`, `checkpoint`) for the message that says
+    where to resume from."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.step: Optional[int] = None  # the step being trained (0-based)
+        self.finished: Optional[int] = None  # train.steps, once the steps are done
+        self.checkpoint = _UNKNOWN  # the step of the last whole checkpoint (None: none)
+        self.signum: Optional[int] = None
+        self._depth = 0
+        self._pending: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN or old is None:  # ignored on purpose, or a handler outside Python
+                    continue
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self._depth and self._pending is None and self.signum is None:
+            self._pending = signum  # a second signal does not wait
+            return
+        self.signum = self.signum or self._pending or signum
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def atomic(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if not self._depth and self._pending is not None and self.signum is None:
+            self.signum = self._pending
+            raise KeyboardInterrupt
+
+    def stopped(self, role: Optional[str]) -> RunInterrupted:
+        signum = self.signum or self._pending or signal.SIGINT
+        checkpoint = self.checkpoint
+        if checkpoint is _UNKNOWN:  # stopped before the run knew: the newest whole one on disk
+            checkpoint = None
+            for step, path in list_checkpoints(self.ckpt_dir):
+                try:
+                    verify_checkpoint(path)
+                except CheckpointError:
+                    continue
+                checkpoint = step
+                break
+        if self.step is not None:
+            where = f"at step {self.step}"
+        elif self.finished is not None:
+            where = f"after the last step ({self.finished}), in the final evaluation or export"
+        else:
+            where = "before training started"
+        last = (f"the last checkpoint is step {checkpoint} in {self.ckpt_dir}" if checkpoint is not None
+                else f"there is no checkpoint yet in {self.ckpt_dir}")
+        message = (f"{role + ': ' if role else ''}interrupted ({signal.Signals(signum).name}) {where}; {last}: "
+                   "rerun the same command with resume=true")
+        return RunInterrupted(message, 128 + int(signum))
+
+
 def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Runs `cfg` to the end (or resumes it) and returns the summary (also in summary.json).
 
     With transport=dist this process plays one party (rank 0 the server, rank c+1 client c):
     the server writes the run folder; each client keeps its checkpoints under
-    `output_dir/clients/<name>/`. A client process returns an empty summary."""
-    role = _start_distributed(cfg, log)
-    try:
-        return _train(cfg, role, progress=progress, log=log)
-    finally:
-        if role is not None:
-            import torch.distributed as dist
+    `output_dir/clients/<name>/`. A client process returns an empty summary.
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    SIGINT (Ctrl-C) or SIGTERM stops it cleanly: one line on stderr says where to resume from, and
+    RunInterrupted (a SystemExit of status 130 or 143) is raised."""
+    interrupts = _Interrupts(Path(cfg.output_dir) / "checkpoints")
+    role = None
+    with interrupts:
+        try:
+            role = _start_distributed(cfg, log)
+            try:
+                return _train(cfg, role, progress=progress, log=log, interrupts=interrupts)
+            finally:
+                if role is not None:
+                    import torch.distributed as dist
+
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
+        except KeyboardInterrupt:
+            stop = interrupts.stopped(role)
+    print(stop.message, file=sys.stderr, flush=True)
+    raise stop
 
 
-def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
+def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
+           interrupts: Optional["_Interrupts"] = None) -> dict:
     from tqdm.auto import tqdm
 
     from .strategies import make_strategy
@@ -413,7 +688,17 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     is_server = role in (None, SERVER)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints" if is_server else out / "clients" / role / "checkpoints"
+    # A folder holding another run is refused unless resume=true or overwrite=true (which deletes it).
+    from .preflight import prepare_output_dir
+
+    prepare_output_dir(cfg, role, log=log)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    interrupts = interrupts if interrupts is not None else _Interrupts(ckpt_dir)
+    interrupts.ckpt_dir = ckpt_dir
+    # Which checkpoint to continue from, decided (and under transport=dist agreed by every rank)
+    # before the run folder's config.yaml is replaced: a refused resume changes nothing on disk.
+    found = _resume_point(cfg, role, out, ckpt_dir, log) if cfg.resume else None
+    interrupts.checkpoint = checkpoint_step(found) if found is not None else None
     if is_server:
         config_mod.dump_config(cfg, out / "config.yaml")
     built = build(cfg, log=log, role=role)
@@ -429,13 +714,6 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     totals = _new_totals()
     start = 0
     if cfg.resume:
-        found = latest_checkpoint(ckpt_dir)
-        found_step = load_checkpoint(found)[0] if found is not None else 0
-        if role is not None:
-            common = _agree_on_resume_step(found_step)
-            found = ckpt_dir / f"step_{common:08d}" if common else None
-            if found is not None and not (found / "state.json").is_file():
-                raise ValueError(f"{role}: the checkpoint of step {common}, which every rank has, is missing in {ckpt_dir}")
         if found is not None:
             step, state = load_checkpoint(found)
             totals = _restore(strategy, built, state)
@@ -463,6 +741,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     round_sim = 0.0
     try:
         for step in range(start, t.steps):
+            interrupts.step = step
             round_index = step // t.aggregate_every
             transport.set_round(round_index)
             wall0 = time.perf_counter()
@@ -517,7 +796,9 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
                 round_wall = round_sim = 0.0
                 rounds_done = round_index + 1
                 if t.checkpoint_every and (rounds_done % t.checkpoint_every == 0) and step + 1 < t.steps:
-                    save_checkpoint(ckpt_dir, step + 1, _state(strategy, built, step + 1, totals))
+                    with interrupts.atomic():  # a signal now waits for the checkpoint to be whole
+                        save_checkpoint(ckpt_dir, step + 1, _state(strategy, built, step + 1, totals))
+                        interrupts.checkpoint = interrupts.step = step + 1
     except TransportError as err:
         # The last completed round's checkpoint is on disk on every rank; say where to resume.
         raise TransportError(f"{role or 'run'} stopped at step {step}: {err}. The last completed round is "
@@ -525,7 +806,11 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
     finally:
         bar.close()
 
-    save_checkpoint(ckpt_dir, t.steps, _state(strategy, built, t.steps, totals))
+    interrupts.step = None
+    interrupts.finished = t.steps
+    with interrupts.atomic():
+        save_checkpoint(ckpt_dir, t.steps, _state(strategy, built, t.steps, totals))
+        interrupts.checkpoint = t.steps
     if role is not None:
         strategy.gather_client_memory()
     if not is_server:
@@ -562,20 +847,42 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None]) -> dict:
 
 
 def export_result(strategy, built: Built, out: Path) -> Path:
-    """What a run hands over: the PEFT adapter for LoRA strategies (`adapter/`), the whole
-    fine-tuned model for full-parameter ones (`model/`, save_pretrained)."""
+    """What a run hands over, each loadable with plain transformers (+ PEFT) from what it records:
+    the PEFT adapter for LoRA strategies (`adapter/`, with the tokenizer; its base model is named
+    in adapter_config.json, and saved to `base_model/` when it exists nowhere else, see
+    `base_model_folder`), the whole fine-tuned model for full-parameter ones (`model/`,
+    save_pretrained, with the tokenizer)."""
+    out = Path(out)
     if hasattr(strategy, "export_model"):
-        strategy.export_model(out / "model")
-        return out / "model"
-    return export_adapter(strategy, built, out / "adapter")
+        return export_whole_model(strategy, built, out / "model")
+    return export_adapter(strategy, built, out / "adapter", base_dir=out / "base_model")
 
 
-def export_adapter(strategy, built: Built, path: Path) -> Path:
-    """The merged client+server adapters, on the whole model's module names, in PEFT format."""
+def export_whole_model(strategy, built: Built, path: Path) -> Path:
+    """A full-parameter strategy's trained model (`strategy.export_model`, save_pretrained) with the
+    run's tokenizer: `AutoModelForCausalLM.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`."""
+    path = Path(path)
+    strategy.export_model(path)
+    _enable_kv_cache(path)
+    save_tokenizer(built, path)
+    return path
+
+
+def export_adapter(strategy, built: Built, path: Path, *, base_dir: Optional[Path] = None) -> Path:
+    """The merged client+server adapters, on the whole model's module names, in PEFT format, with
+    the run's tokenizer beside them. adapter_config.json's `base_model_name_or_path` is a folder
+    that `from_pretrained` reads (`base_model_folder`; a base model that no such folder holds is
+    saved to `base_dir`, by default `path/base_model`), so
+
+        base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+        model = PeftModel.from_pretrained(base, path); tokenizer = AutoTokenizer.from_pretrained(path)
+
+    (or `AutoPeftModelForCausalLM.from_pretrained(path)`) is the run's model, without splitlora."""
     from splitlora_kernels import save_peft_adapter
 
     from splitlora_kernels.layers import lora_modules
 
+    path = Path(path)
     plans, state = strategy.export_state()
     model = whole_model_with_adapters(built.setup.base_model, plans, state)
     # A PEFT adapter_config holds one lora_dropout; dropout only matters for further training,
@@ -584,10 +891,112 @@ def export_adapter(strategy, built: Built, path: Path) -> Path:
     dropout = max(m.lora_dropout for m in modules)
     for m in modules:
         m.lora_dropout = dropout
-    cfg = built.cfg
-    base = cfg.model.path or cfg.model.name or "config:" + json.dumps(cfg.model.config, sort_keys=True)
+    base = base_model_folder(built, path / "base_model" if base_dir is None else Path(base_dir))
     save_peft_adapter(model, path, base_model_name_or_path=base)
+    save_tokenizer(built, path)
     return path
+
+
+def base_model_folder(built: Built, save_to: Path) -> str:
+    """The absolute path of a folder that `AutoModelForCausalLM.from_pretrained` reads as the run's
+    base model (an adapter's `base_model_name_or_path`):
+
+    - a named model: its converted folder in splitlora's cache (`<cache>/models/<name>`);
+    - `model.path` (a save_pretrained folder): that folder;
+    - a model built from `model.config` (random weights from the seed) or dequantized from a GGUF
+      file: no folder holds it as such, so it is saved to `save_to` (save_pretrained, its config
+      resolved: vocab_size and special token ids filled in; with the run's tokenizer).
+
+    Absolute: transformers resolves a relative path against the working directory of whoever loads
+    the adapter, not against the adapter's folder, so a relative one (a run's paths are relative to
+    where it was started) would break as soon as the adapter is loaded from anywhere else. An
+    absolute path breaks only when the base folder itself moves; then pass the moved folder to
+    from_pretrained (a saved base model sits beside the adapter, as `save_to`)."""
+    m = built.cfg.model
+    if m.name is not None:
+        from .models import _named_folder
+
+        return os.path.abspath(_named_folder(m.name, None))
+    if m.path is not None and m.gguf_file is None:
+        return os.path.abspath(m.path)
+    save_base_model(built, save_to)
+    return os.path.abspath(save_to)
+
+
+def save_base_model(built: Built, folder: Path) -> Path:
+    """The run's base model (frozen, never trained) as a save_pretrained folder with the run's
+    tokenizer, written beside `folder` and renamed into place (no half-written folder remains)."""
+    import shutil
+
+    model = built.setup.base_model
+    if model is None or any(p.is_meta for p in model.parameters()):
+        raise ValueError("this process does not hold the whole base model (a client process under transport=dist); "
+                         "export from the server's process")
+    if getattr(model.config, "quantization_config", None) is not None:
+        # A GGUF-loaded model (dequantized on load) carries a quantization_config and refuses
+        # save_pretrained: a plain model of the same config with the same weights (models._convert).
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(model.config)
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    _enable_kv_cache(tmp)
+    save_tokenizer(built, tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _enable_kv_cache(folder: Path) -> None:
+    """build() turns the KV cache off for training (`use_cache=False`): a saved model gets the
+    transformers default back, so that generating with it uses the cache."""
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("use_cache") is False:
+        config["use_cache"] = True
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_tokenizer(built: Built, folder: Path) -> None:
+    """The run's tokenizer as files `AutoTokenizer.from_pretrained(folder)` reads: a transformers
+    tokenizer as it is (save_pretrained), with its eos token named when it lacked one and
+    `data.chat_template` as its chat template when set; the word tokenizer of a config-built model
+    as the equivalent WordLevel tokenizer (WordTokenizer.to_transformers)."""
+    import copy
+
+    tok = built.tokenizer
+    hf = getattr(tok, "hf", None)
+    if hf is None:
+        if not hasattr(tok, "to_transformers"):
+            raise ValueError(f"cannot save the tokenizer {tok!r} in a form transformers loads")
+        hf = tok.to_transformers()
+    else:
+        hf = copy.deepcopy(hf)  # the run's own tokenizer stays as it is
+        if hf.eos_token is None:
+            # HFTokenizer found the eos among well-known names; name it so generation stops there.
+            hf.eos_token = hf.convert_ids_to_tokens(tok.eos_id)
+    template = built.cfg.data.chat_template
+    if template is not None:
+        hf.chat_template = template if "{" in template else Path(template).read_text(encoding="utf-8")
+    hf.save_pretrained(str(folder))
+    if getattr(tok, "hf", None) is None:
+        # transformers 5 names its generic fast tokenizer TokenizersBackend, which transformers 4
+        # does not know; PreTrainedTokenizerFast is the same class to both.
+        config_file = Path(folder) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_run(run_dir: str | Path, *, log: Callable[[str], None] = print):

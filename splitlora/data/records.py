@@ -20,12 +20,14 @@ than ``data.max_length`` with ``data.on_long: skip``) are skipped and counted by
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from .dataset import IGNORE_INDEX, TokenizedDataset
 from .e2e import DEFAULT_SEPARATOR, TARGET_PREFIX, Example
@@ -161,6 +163,13 @@ def _messages(row: Mapping, key: str, skips: SkipCounter) -> Optional[Tuple[Tupl
     if value is None:
         skips.skip(f"missing {key!r}")
         return None
+    if isinstance(value, str):
+        # A CSV cell cannot hold a list: a conversation there is written as JSON text.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            skips.skip(f"{key!r} a string that is not a JSON list of messages")
+            return None
     if not isinstance(value, (list, tuple)) or not value:
         skips.skip(f"{key!r} not a non-empty list of messages")
         return None
@@ -360,7 +369,9 @@ def encode_records(records: Sequence[Record], tokenizer, max_length: int, on_lon
     rows: List[Tuple[List[int], List[bool]]] = []
     kept: List[int] = []
     truncated: List[bool] = []
-    for index, record in enumerate(records):
+    progress = tqdm(records, desc=f"tokenizing {skips.what} records".replace("  ", " "), unit="record",
+                    disable=None if len(records) > 5000 else True, leave=False)
+    for index, record in enumerate(progress):
         ids, mask, prompt_len = _encode_one(record, tokenizer, renderer)
         cut = len(ids) > max_length
         if cut and on_long == "skip":

@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -79,8 +81,53 @@ class WordTokenizer:
             raise ValueError(f"{path} is not a WordTokenizer file (no {_WORD_FILE_KEY!r} key)")
         return cls(data["vocab"])
 
+    def to_transformers(self):
+        """This tokenizer as a transformers `PreTrainedTokenizerFast` (a `tokenizers` WordLevel model
+        over the same vocabulary), which `save_pretrained` writes and plain
+        `AutoTokenizer.from_pretrained` reads back, with no splitlora import.
+
+        It encodes and decodes exactly as this tokenizer does (`encode(text, add_special_tokens=False)`
+        and `decode(ids)` give `encode(text)` and `decode(ids)`): the pre-tokenizer is `_WORD_PATTERN`
+        with Python's `\\w` and `\\s` written out as the code-point ranges they match in this Python
+        (the tokenizers library's regex engine gives `\\w` and `\\s` other Unicode meanings: it keeps
+        combining marks inside words, and does not count '²' as a word character nor '\\x1c' as a
+        space); the decoder concatenates tokens as they are (no space inserted, no clean-up), and
+        `<pad>`, `<eos>`, `<unk>` are special tokens that text is not matched against
+        (`split_special_tokens`), so a literal "<eos>" in a text is three tokens, as here."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(self.vocab)}, unk_token=self.UNK))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(_explicit_word_pattern()), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=self.PAD, eos_token=self.EOS,
+                                       unk_token=self.UNK, clean_up_tokenization_spaces=False,
+                                       split_special_tokens=True)
+
     def __repr__(self) -> str:
         return f"WordTokenizer(vocab_size={self.vocab_size})"
+
+
+@functools.lru_cache(maxsize=1)
+def _explicit_word_pattern() -> str:
+    """`_WORD_PATTERN` for the tokenizers library (Oniguruma): `\\w` and `\\s` as the explicit
+    code-point classes that Python's `re` matches for them (WordTokenizer.to_transformers)."""
+    if _WORD_PATTERN.pattern != r" ?\w+| ?[^\w\s]|\s+":
+        raise RuntimeError(f"_WORD_PATTERN changed to {_WORD_PATTERN.pattern!r}: update _explicit_word_pattern")
+
+    def ranges(pattern: str) -> str:
+        match, spans, start = re.compile(pattern).match, [], None
+        for cp in range(sys.maxunicode + 2):
+            inside = cp <= sys.maxunicode and not 0xD800 <= cp <= 0xDFFF and match(chr(cp)) is not None
+            if inside and start is None:
+                start = cp
+            elif not inside and start is not None:
+                spans.append(f"\\x{{{start:X}}}" if start == cp - 1 else f"\\x{{{start:X}}}-\\x{{{cp - 1:X}}}")
+                start = None
+        return "".join(spans)
+
+    word, space = ranges(r"\w"), ranges(r"\s")
+    return f" ?[{word}]+| ?[^{word}{space}]|[{space}]+"
 
 
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")

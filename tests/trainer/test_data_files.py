@@ -120,6 +120,17 @@ def test_chat_rows_are_checked():
     assert skips.skipped == 5
 
 
+def test_chat_in_a_csv_cell_is_json_text(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "chats.csv"
+    datasets.Dataset.from_list([{"messages": json.dumps(TWO_TURNS)}, {"messages": "not json"}]).to_csv(
+        str(path), index=False)
+    skips = SkipCounter("training")
+    records, kept = rows_to_records(read_rows("csv", path, "data.train_path"), "chat", RecordKeys(), skips)
+    assert kept == [0] and records[0].messages == tuple((m["role"], m["content"]) for m in TWO_TURNS)
+    assert "not a JSON list of messages" in skips.summary()
+
+
 def test_prompt_completion_encoding_equals_the_e2e_tokenize():
     examples = synthetic_examples(12, seed=4)
     tok = WordTokenizer.from_examples(examples)
@@ -345,3 +356,36 @@ def test_word_vocabulary_of_e2e_records_is_the_examples_one():
     examples = synthetic_examples(30, seed=5)
     assert WordTokenizer.from_texts(record_texts(examples_to_records(examples))).vocab == \
         WordTokenizer.from_examples(examples).vocab
+
+
+def test_natural_partition_through_the_trainer_keeps_each_clients_records(tmp_path):
+    from splitlora.trainer import build
+
+    examples = synthetic_examples(40, seed=6)
+    rows = [{"prompt": e.source + " ||", "completion": " " + e.target, "site": "north" if i % 4 else "south"}
+            for i, e in enumerate(examples)]
+    rows[1]["completion"] = ""  # skipped: the north client loses one record
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    eval_path = write_jsonl(tmp_path / "e.jsonl", rows[:6])
+    lines = []
+    cfg = tiny_config(tmp_path, "data.source=jsonl", f"data.train_path={path}", f"data.eval_path={eval_path}",
+                      "data.client_key=site", "train.clients=2")
+    built = build(cfg, log=lines.append)
+    assert "data: natural partition, records per client: north=29, south=10" in lines
+    for loader, site in zip(built.setup.loaders, ("north", "south")):
+        assert all(built.train_records[int(i)].group == site for i in loader.indices)
+    assert any("skipped 1 of 40 training records: 1 empty completion" in line for line in lines)
+
+
+def test_packing_through_the_trainer_fills_rows_with_whole_records(tmp_path):
+    from splitlora.trainer import build
+
+    cfg = tiny_config(tmp_path, "data.packing=true", "data.max_length=96")
+    lines = []
+    built = build(cfg, log=lines.append)
+    rows = sum(len(loader.dataset) for loader in built.setup.loaders)
+    assert rows < len(built.train_data)  # several records per row
+    assert any(f"packed {len(built.train_data)} training records into {rows} rows" in line for line in lines)
+    for loader in built.setup.loaders:
+        batch = loader.next_batch()
+        assert "position_ids" in batch and int(batch["attention_mask"].sum()) > 0
