@@ -389,3 +389,20 @@ def test_packing_through_the_trainer_fills_rows_with_whole_records(tmp_path):
     for loader in built.setup.loaders:
         batch = loader.next_batch()
         assert "position_ids" in batch and int(batch["attention_mask"].sum()) > 0
+
+
+def test_e2e_without_an_eval_path_holds_out_its_own_lines(shared_data, monkeypatch):
+    """Never E2E's test.txt found through SPLITLORA_DATA: a fraction of the named training file."""
+    monkeypatch.setenv("SPLITLORA_DATA", str(shared_data))
+    train_file = shared_data / "e2e" / "valid.txt"
+    cfg = load_config(None, ["data.source=e2e", f"data.train_path={train_file}", "data.eval_fraction=0.05",
+                             "data.num_eval=null"])
+    sets = load_records(cfg.data, clients=4, seed=0)
+    from splitlora.data import read_e2e
+
+    train_sources = {e.source for e in read_e2e(train_file)}
+    test_sources = {e.source for e in read_e2e(shared_data / "e2e" / "test.txt")}
+    eval_sources = {r.key for r in sets.eval}
+    assert eval_sources <= train_sources and not eval_sources & test_sources
+    assert not eval_sources & {r.key for r in sets.train}
+    assert any("held out of the training data" in line for line in sets.notes)
