@@ -20,45 +20,78 @@ def compute_seconds(flops: float, tflops: float) -> float:
 
 class SimTime(float):
     """Simulated seconds that remember what of them the links took: `messages` transfers (each
-    paying the latency) carrying `bits`, which cost `link_seconds` on the configured links.
+    paying the latency) carrying `bits`, which cost `link_seconds` on the configured links; and
+    what of them each party computed: `client_flops` at the clients' TFLOPS (which took
+    `client_seconds`) and `server_flops` at the server's (`server_seconds`).
 
     It is a float, so the strategies compose step times as before (+ for phases one after
     another, max() for parties in parallel: max keeps the slowest party's SimTime whole). Only +
-    carries the link parts along; any other arithmetic gives a plain float, which counts as
-    compute. `at(bandwidth, latency)` re-prices the link parts for another link: the same run's
-    time on a slower or faster network, with the critical path (which party was slowest) held as
-    it was. That is exact when the parties that max() compares differ only in compute or are
-    alike (homogeneous clients sending packets of one size), and an estimate otherwise."""
+    carries the parts along; any other arithmetic gives a plain float, which counts as compute
+    that no party's TFLOPS re-prices. `at(bandwidth, latency)` re-prices the link parts for another
+    link, and `at(..., client_tflops=, server_tflops=)` the compute parts for other devices: the
+    same run's time on another network or hardware, with the critical path (which party was
+    slowest) held as it was. That is exact when the parties that max() compares are alike
+    (homogeneous clients: the same flops and packets of one size), and an estimate otherwise: a
+    client that was not the slowest at the recorded setting may become it at another."""
 
-    def __new__(cls, seconds: float = 0.0, messages: float = 0.0, bits: float = 0.0, link_seconds: float = 0.0):
+    _PARTS = ("messages", "bits", "link_seconds", "client_flops", "server_flops", "client_seconds",
+              "server_seconds")
+
+    def __new__(cls, seconds: float = 0.0, messages: float = 0.0, bits: float = 0.0, link_seconds: float = 0.0,
+                client_flops: float = 0.0, server_flops: float = 0.0, client_seconds: float = 0.0,
+                server_seconds: float = 0.0):
         obj = super().__new__(cls, seconds)
         obj.messages, obj.bits, obj.link_seconds = float(messages), float(bits), float(link_seconds)
+        obj.client_flops, obj.server_flops = float(client_flops), float(server_flops)
+        obj.client_seconds, obj.server_seconds = float(client_seconds), float(server_seconds)
         return obj
 
     def __add__(self, other):
         if not isinstance(other, (int, float)):
             return NotImplemented
-        return SimTime(float(self) + float(other), self.messages + getattr(other, "messages", 0.0),
-                       self.bits + getattr(other, "bits", 0.0), self.link_seconds + getattr(other, "link_seconds", 0.0))
+        return SimTime(float(self) + float(other),
+                       **{k: getattr(self, k) + getattr(other, k, 0.0) for k in self._PARTS})
 
     __radd__ = __add__
 
     def __repr__(self) -> str:
-        return (f"SimTime({float(self)!r}, messages={self.messages!r}, bits={self.bits!r}, "
-                f"link_seconds={self.link_seconds!r})")
+        return f"SimTime({float(self)!r}, " + ", ".join(f"{k}={getattr(self, k)!r}" for k in self._PARTS) + ")"
 
     @property
     def compute_seconds(self) -> float:
         return float(self) - self.link_seconds
 
-    def at(self, bandwidth_mbps: float, latency_ms: float) -> float:
-        """These seconds with every link at `bandwidth_mbps` and `latency_ms` instead."""
-        return self.compute_seconds + self.messages * latency_ms / 1e3 + self.bits / (bandwidth_mbps * 1e6)
+    def at(self, bandwidth_mbps: float, latency_ms: float, client_tflops: float | None = None,
+           server_tflops: float | None = None) -> float:
+        """These seconds with every link at `bandwidth_mbps` and `latency_ms` instead and, when
+        given, every client at `client_tflops` and the server at `server_tflops`."""
+        compute = self.compute_seconds
+        if client_tflops is not None:
+            compute += compute_seconds(self.client_flops, client_tflops) - self.client_seconds
+        if server_tflops is not None:
+            compute += compute_seconds(self.server_flops, server_tflops) - self.server_seconds
+        return compute + self.messages * latency_ms / 1e3 + self.bits / (bandwidth_mbps * 1e6)
 
 
 # The names under which the trainer records a run's summed SimTime parts, beside sim_time_s, on
 # every step and evaluation record (metrics.jsonl): bench.report re-prices them for other links.
 SIM_LINK_KEYS = ("sim_link_s", "sim_link_messages", "sim_link_bits")
+# Beside them, the summed compute parts of sim_time_s per party: flops on the critical path and the
+# seconds they took at the configured TFLOPS (bench.crossover re-prices them for other devices).
+SIM_COMPUTE_KEYS = ("sim_client_flops", "sim_server_flops", "sim_client_s", "sim_server_s")
+# The SimTime attribute behind each recorded key.
+SIM_RECORD_PARTS = dict(zip(SIM_LINK_KEYS + SIM_COMPUTE_KEYS,
+                            ("link_seconds", "messages", "bits", "client_flops", "server_flops", "client_seconds",
+                             "server_seconds")))
+
+
+def sim_time_from_record(record: dict) -> "SimTime | None":
+    """The SimTime of a step or evaluation record's summed sim_time_s with every part the record
+    keeps (None when it lacks the link parts; compute parts it lacks count as compute no TFLOPS
+    re-prices, which is what runs recorded before they were kept can give)."""
+    if not all(k in record for k in SIM_LINK_KEYS):
+        return None
+    return SimTime(record["sim_time_s"], **{part: record.get(key, 0.0) for key, part in SIM_RECORD_PARTS.items()})
 
 
 def as_sim_time(seconds: float) -> SimTime:
@@ -83,10 +116,13 @@ class TimeModel:
     latency_ms: float
 
     def client_compute(self, flops: float) -> float:
-        return compute_seconds(flops, self.client_tflops)
+        """Seconds of `flops` on one client (a SimTime that keeps the flops, to re-price)."""
+        seconds = compute_seconds(flops, self.client_tflops)
+        return SimTime(seconds, client_flops=flops, client_seconds=seconds)
 
     def server_compute(self, flops: float) -> float:
-        return compute_seconds(flops, self.server_tflops)
+        seconds = compute_seconds(flops, self.server_tflops)
+        return SimTime(seconds, server_flops=flops, server_seconds=seconds)
 
     def transfer(self, nbytes: float) -> float:
         return link_seconds(nbytes, self.bandwidth_mbps, self.latency_ms)

@@ -34,7 +34,8 @@ from .adapters import LoraSpec, add_lora, check_targets_exist, existing_targets,
 from .architectures import check_split
 from .checkpoint import (CheckpointError, checkpoint_step, find_checkpoint, latest_checkpoint, list_checkpoints,
                          load_checkpoint, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
-from .timemodel import SIM_LINK_KEYS, TimeModel, as_sim_time, count_params, peak_memory_bytes
+from .timemodel import (SIM_COMPUTE_KEYS, SIM_LINK_KEYS, SIM_RECORD_PARTS, TimeModel, as_sim_time, count_params,
+                        peak_memory_bytes)
 from .transport import is_client_process, make_transport
 
 logger = logging.getLogger(__name__)
@@ -364,16 +365,16 @@ def _restore(strategy, built: Built, state: dict) -> dict:
     strategy.activation_peaks.load_state_dict(state.get("activation_peaks", {}))
     # A checkpoint written before the link parts of the simulated time were kept lacks them: they
     # stay unknown (NaN) for the rest of the run rather than count only the steps after the resume.
-    return {**_new_totals(), **dict.fromkeys(SIM_LINK_KEYS, math.nan), **state["totals"]}
+    return {**_new_totals(), **dict.fromkeys(SIM_LINK_KEYS + SIM_COMPUTE_KEYS, math.nan), **state["totals"]}
 
 
 def _new_totals() -> dict:
-    return {"sim_time_s": 0.0, **dict.fromkeys(SIM_LINK_KEYS, 0.0), "wall_time_s": 0.0, "client_compute_s": 0.0,
-            "server_compute_s": 0.0}
+    return {"sim_time_s": 0.0, **dict.fromkeys(SIM_LINK_KEYS + SIM_COMPUTE_KEYS, 0.0), "wall_time_s": 0.0,
+            "client_compute_s": 0.0, "server_compute_s": 0.0}
 
 
 def _time_fields(totals: dict) -> dict:
-    return {k: totals[k] for k in ("sim_time_s", *SIM_LINK_KEYS, "wall_time_s")}
+    return {k: totals[k] for k in ("sim_time_s", *SIM_LINK_KEYS, *SIM_COMPUTE_KEYS, "wall_time_s")}
 
 
 def _ledger(transport):
@@ -756,9 +757,8 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
                 sim = sim + strategy.end_round(step)
             wall = time.perf_counter() - wall0
             totals["sim_time_s"] += float(sim)
-            totals["sim_link_s"] += sim.link_seconds
-            totals["sim_link_messages"] += sim.messages
-            totals["sim_link_bits"] += sim.bits
+            for key, part in SIM_RECORD_PARTS.items():  # link and per-party compute parts, to re-price
+                totals[key] += getattr(sim, part)
             totals["wall_time_s"] += wall
             totals["client_compute_s"] += result.client_compute_s
             totals["server_compute_s"] += result.server_compute_s
