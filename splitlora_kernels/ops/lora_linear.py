@@ -55,11 +55,18 @@ has been compiled: ``_launch`` keys its own cache on exactly what triton special
 16-byte alignment of the pointers, the integer arguments, the constexprs) and calls the compiled
 kernel's launcher with raw pointers. The first call of a variant (and every call while a triton
 launch hook such as proton's is installed) takes triton's ordinary path.
+
+torch.compile. Under compile, `lora_linear` / `lora_linear_triton` call the torch.library custom
+ops ``splitlora::lora_linear_fwd`` and ``splitlora::lora_linear_bwd`` (fake kernels for tracing,
+autograd through register_autograd), so dynamo never traces into the launch code (data_ptr(), the
+seed's .item()): ``torch.compile(model, fullgraph=True)`` of FusedLoRALinear layers or a patched
+PEFT model has no graph break. There the dropout seed is an int64 CPU tensor drawn by
+torch.randint from the default CPU generator inside the graph, read on the host only inside the op.
 """
 import logging
 import math
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -1022,7 +1029,12 @@ def dropout_mask(x_shape, dropout_p: float, seed: int, device=None) -> torch.Ten
 def draw_seed() -> int:
     """A dropout seed from torch's default CPU generator, so torch.manual_seed makes fused
     dropout reproducible (and no GPU synchronisation is needed to draw it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(_draw_seed_tensor().item())
+
+
+def _draw_seed_tensor() -> torch.Tensor:
+    # int64[1] on the CPU, from torch's default CPU generator.
+    return torch.randint(0, 2**31 - 1, (1,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1030,86 +1042,101 @@ def draw_seed() -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _fused_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, path):
+    """The launches of the fused forward: (y [..., out], x2d [M, in], xa [M, r])."""
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    x2d = x.reshape(-1, in_features)
+    M = x2d.shape[0]
+    xa = torch.empty((M, rank), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
+    if path == "cublas":
+        # One launch writes xa and the low-rank term (+ bias); cuBLAS with beta=1 reads that
+        # term in its epilogue, where a compute-bound GEMM has memory bandwidth to spare.
+        _launch_rowpass(x2d, lora_a, xa, rank, p=dropout_p, seed=seed, out=y, up=lora_b.t(), bias=bias,
+                        scaling=scaling)
+        y.addmm_(x2d, weight.t())
+    else:
+        _launch_rowpass(x2d, lora_a, xa, rank, p=dropout_p, seed=seed)
+        _launch_matmul(x2d, weight.t(), y, rank=rank, bias=bias, lora_mode=1, l=xa, lr=lora_b.t(),
+                       scaling=scaling)
+    return y.view(*x.shape[:-1], out_features), x2d, xa
+
+
+def _fused_backward(grad_out, x2d, weight, lora_a, lora_b, xa, s, p, seed, path, needs, bias_dtype, x_shape):
+    """The launches of the fused backward: (dx, dw, da, db, dbias), each None unless `needs`
+    (need_x, need_w, need_a, need_b, need_bias) asks for it."""
+    need_x, need_w, need_a, need_b, need_bias = needs
+    rank = lora_a.shape[0]
+    out_features, in_features = weight.shape
+    dy = grad_out.reshape(-1, out_features)
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = dw = da = db = dbias = None
+
+    # dY @ B ([tokens, r]) feeds both dX and dA. The cublas path computes it in the row pass
+    # whose epilogue writes dX's low-rank term; "triton" accumulates it inside the dX GEMM's
+    # K loop; "triton-pre" takes it from a row pass and loads it in the dX GEMM's epilogue.
+    dyb = None
+    if need_a or (need_x and path != "cublas"):
+        dyb = torch.empty((dy.shape[0], rank), device=dy.device, dtype=dy.dtype)
+    if need_x:
+        dx = torch.empty((x2d.shape[0], in_features), device=dy.device, dtype=dy.dtype)
+        if path == "cublas":
+            # The low-rank term (masked by dropout) first, then cuBLAS adds dY @ W onto it.
+            _launch_rowpass(dy, lora_b.t(), dyb, rank, p=p, seed=seed, out=dx, up=lora_a, scaling=s,
+                            out_dropout=True)
+            dx.addmm_(dy, weight)
+        elif path == "triton":
+            _launch_matmul(dy, weight, dx, rank=rank, lora_mode=2, lb=lora_b, lr=lora_a, l=dyb,
+                           store_l=need_a, scaling=s, p=p, seed=seed)
+        else:
+            _launch_rowpass(dy, lora_b.t(), dyb, rank)
+            _launch_matmul(dy, weight, dx, rank=rank, lora_mode=1, l=dyb, lr=lora_a, scaling=s, p=p, seed=seed)
+    elif need_a:
+        _launch_rowpass(dy, lora_b.t(), dyb, rank)
+    # dA = s * (dY @ B).T @ dropout(x), dB = s * dY.T @ xa and dbias: one column pass over x
+    # and dY together (plus one launch summing its partials on large problems).
+    if need_a or need_b or need_bias:
+        da, db, dbias = _launch_colpass(x2d, dyb, dy, xa, rank, need_a=need_a, need_b=need_b,
+                                        need_bias=need_bias, scaling=s, p=p, seed=seed,
+                                        bias_dtype=bias_dtype)
+    if need_w:
+        # Full fine-tuning of this layer: dW = dY.T @ x (the base path has no dropout).
+        if path != "cublas":
+            dw = torch.empty((out_features, in_features), device=dy.device, dtype=weight.dtype)
+            _launch_matmul(dy.t(), x2d, dw)
+        else:
+            dw = (dy.t() @ x2d).to(weight.dtype)
+    if dx is not None:
+        dx = dx.view(x_shape)
+    return dx, dw, da, db, dbias
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """Triton forward and backward of the LoRA linear. Arguments are validated by the callers
-    (`lora_linear`, `lora_linear_triton`)."""
+    """Triton forward and backward of the LoRA linear (int seed): what `lora_linear` and
+    `lora_linear_triton` run in eager mode. Under torch.compile they call the custom ops
+    ``splitlora::lora_linear_fwd`` / ``lora_linear_bwd`` instead, which run the same launches
+    (_fused_forward / _fused_backward). Arguments are validated by the callers."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, path):
-        out_features, in_features = weight.shape
-        rank = lora_a.shape[0]
-        x2d = x.reshape(-1, in_features)
-        M = x2d.shape[0]
-        xa = torch.empty((M, rank), device=x.device, dtype=x.dtype)
-        y = torch.empty((M, out_features), device=x.device, dtype=x.dtype)
-        if path == "cublas":
-            # One launch writes xa and the low-rank term (+ bias); cuBLAS with beta=1 reads that
-            # term in its epilogue, where a compute-bound GEMM has memory bandwidth to spare.
-            _launch_rowpass(x2d, lora_a, xa, rank, p=dropout_p, seed=seed, out=y, up=lora_b.t(), bias=bias,
-                            scaling=scaling)
-            y.addmm_(x2d, weight.t())
-        else:
-            _launch_rowpass(x2d, lora_a, xa, rank, p=dropout_p, seed=seed)
-            _launch_matmul(x2d, weight.t(), y, rank=rank, bias=bias, lora_mode=1, l=xa, lr=lora_b.t(),
-                           scaling=scaling)
+        y, x2d, xa = _fused_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, path)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, xa)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.path = scaling, dropout_p, seed, path
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], out_features)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight, lora_a, lora_b, xa = ctx.saved_tensors
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        need_bias = need_bias and ctx.has_bias
-        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
-        rank = lora_a.shape[0]
-        out_features, in_features = weight.shape
-        dy = grad_out.reshape(-1, out_features)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dx = dw = da = db = dbias = None
-        path = ctx.path
-
-        # dY @ B ([tokens, r]) feeds both dX and dA. The cublas path computes it in the row pass
-        # whose epilogue writes dX's low-rank term; "triton" accumulates it inside the dX GEMM's
-        # K loop; "triton-pre" takes it from a row pass and loads it in the dX GEMM's epilogue.
-        dyb = None
-        if need_a or (need_x and path != "cublas"):
-            dyb = torch.empty((dy.shape[0], rank), device=dy.device, dtype=dy.dtype)
-        if need_x:
-            dx = torch.empty((x2d.shape[0], in_features), device=dy.device, dtype=dy.dtype)
-            if path == "cublas":
-                # The low-rank term (masked by dropout) first, then cuBLAS adds dY @ W onto it.
-                _launch_rowpass(dy, lora_b.t(), dyb, rank, p=p, seed=seed, out=dx, up=lora_a, scaling=s,
-                                out_dropout=True)
-                dx.addmm_(dy, weight)
-            elif path == "triton":
-                _launch_matmul(dy, weight, dx, rank=rank, lora_mode=2, lb=lora_b, lr=lora_a, l=dyb,
-                               store_l=need_a, scaling=s, p=p, seed=seed)
-            else:
-                _launch_rowpass(dy, lora_b.t(), dyb, rank)
-                _launch_matmul(dy, weight, dx, rank=rank, lora_mode=1, l=dyb, lr=lora_a, scaling=s, p=p, seed=seed)
-        elif need_a:
-            _launch_rowpass(dy, lora_b.t(), dyb, rank)
-        # dA = s * (dY @ B).T @ dropout(x), dB = s * dY.T @ xa and dbias: one column pass over x
-        # and dY together (plus one launch summing its partials on large problems).
-        if need_a or need_b or need_bias:
-            da, db, dbias = _launch_colpass(x2d, dyb, dy, xa, rank, need_a=need_a, need_b=need_b,
-                                            need_bias=need_bias, scaling=s, p=p, seed=seed,
-                                            bias_dtype=ctx.bias_dtype)
-        if need_w:
-            # Full fine-tuning of this layer: dW = dY.T @ x (the base path has no dropout).
-            if path != "cublas":
-                dw = torch.empty((out_features, in_features), device=dy.device, dtype=weight.dtype)
-                _launch_matmul(dy.t(), x2d, dw)
-            else:
-                dw = (dy.t() @ x2d).to(weight.dtype)
-        if dx is not None:
-            dx = dx.view(ctx.x_shape)
-        return dx, dw, da, db, dbias, None, None, None, None
+        needs = (need_x, need_w, need_a, need_b, need_bias and ctx.has_bias)
+        grads = _fused_backward(grad_out, x2d, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, ctx.seed,
+                                ctx.path, needs, ctx.bias_dtype, ctx.x_shape)
+        return (*grads, None, None, None, None)
 
 
 class LoRALinearTorchFunction(torch.autograd.Function):
@@ -1150,6 +1177,168 @@ class LoRALinearTorchFunction(torch.autograd.Function):
         if need_w:
             dw = torch.mm(dy.t(), x2d)
         return dx, dw, da, db, dbias, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (torch.library): what torch.compile sees
+# ----------------------------------------------------------------------------------------------
+# ``splitlora::lora_linear_fwd`` and ``splitlora::lora_linear_bwd`` wrap the whole forward and
+# backward, so torch.compile (dynamo, AOTAutograd, FakeTensor) never traces into the launch code
+# (raw data_ptr()s, the seed read on the host): it sees two opaque ops with fake kernels giving
+# their output shapes, and the backward op tied to the forward by register_autograd.
+#
+# ``path`` picks the implementation: one of the fused CUDA_PATHS but "torch" (the Triton/cuBLAS
+# launches of _fused_forward/_fused_backward, unchanged; CUDA tensors, or CPU tensors with
+# TRITON_INTERPRET=1), or "reference" (plain torch: CPU tensors and what the kernels do not cover).
+# Dropout: the fused paths take the kernels' ``seed`` as an int64 tensor of one element (drawn
+# on the CPU, so reading it inside the op is no device synchronisation; the launch passes it to
+# the kernels as an int, as before); the reference path takes the scaled keep ``mask`` drawn
+# outside the op (torch.bernoulli, an ordinary op that compile traces), saved for the backward.
+# Gradients the backward is not asked for come back as empty tensors (custom ops return no None).
+#
+# Only code traced by torch.compile calls these ops (`lora_linear` / `lora_linear_triton` check
+# torch.compiler.is_compiling()): in eager mode the custom op's autograd wrapper costs several
+# times the host time of LoRALinearFunction.apply (measured on CPU: ~250 us against ~55 us per
+# call with autograd), and host time is what small layers are limited by on the GPU. Eager calls
+# therefore keep LoRALinearFunction (fused paths) and lora_linear_reference (reference path), which
+# compute the same function with the same seed / mask: the compiled tests check that they agree.
+# No double backward through the ops (lora_linear_bwd has no autograd formula), as for the
+# autograd.Function.
+
+
+def _seed_int(seed: Optional[torch.Tensor]) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+def _reference_forward(x, weight, lora_a, lora_b, bias, scaling, mask):
+    # The arithmetic of lora_linear_reference, keeping xa (for dB) as a second output.
+    x_lora = x if mask is None else x * mask.to(x.dtype)
+    xa = torch.nn.functional.linear(x_lora, lora_a)
+    y = torch.nn.functional.linear(x, weight, bias) + scaling * torch.nn.functional.linear(xa, lora_b)
+    return y, xa.reshape(-1, lora_a.shape[0])
+
+
+def _reference_backward(grad_out, x, weight, lora_a, lora_b, xa, scaling, mask, needs):
+    # What torch's autograd computes for lora_linear_reference, in the same order.
+    need_x, need_w, need_a, need_b, need_bias = needs
+    out_features, in_features = weight.shape
+    dy = grad_out.reshape(-1, out_features)
+    x2d = x.reshape(-1, in_features)
+    m2d = None if mask is None else mask.to(x.dtype).expand(x.shape).reshape(-1, in_features)
+    dx = dw = da = db = dbias = None
+    g_low = dy * scaling
+    if need_x or need_a:
+        g_xa = g_low @ lora_b
+    if need_x:
+        g_xlora = g_xa @ lora_a
+        if m2d is not None:
+            g_xlora = g_xlora * m2d
+        dx = (dy @ weight + g_xlora).view(x.shape)
+    if need_w:
+        dw = dy.t() @ x2d
+    if need_a:
+        da = g_xa.t() @ (x2d if m2d is None else x2d * m2d)
+    if need_b:
+        db = g_low.t() @ xa
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, dw, da, db, dbias
+
+
+@torch.library.custom_op("splitlora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    path: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., out], xa [M, r]): the LoRA linear and the thin product dropout(x) @ lora_a.T
+    (saved for the backward). Inputs are validated by the callers (`lora_linear`)."""
+    if path == "reference":
+        return _reference_forward(x, weight, lora_a, lora_b, bias, scaling, mask)
+    seed_i = _seed_int(seed)
+    if x.is_cuda and x.get_device() != _current_device():
+        # Compiled kernels are loaded into, and launched on, the current device's context.
+        with torch.cuda.device(x.device):
+            y, _, xa = _fused_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_i, path)
+    else:
+        y, _, xa = _fused_forward(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_i, path)
+    return y, xa
+
+
+@lora_linear_fwd.register_fake
+def _lora_linear_fwd_fake(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, mask, path):
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    m = x.numel() // in_features
+    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, rank))
+
+
+@torch.library.custom_op("splitlora::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    xa: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    path: str,
+    needs: List[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, da, db, dbias) of lora_linear_fwd for grad_out (dy); `needs` (need_x, need_w,
+    need_a, need_b, need_bias) says which are computed, the others are empty tensors."""
+    needs = tuple(bool(n) for n in needs)
+    if path == "reference":
+        grads = _reference_backward(grad_out, x, weight, lora_a, lora_b, xa, scaling, mask, needs)
+    else:
+        args = (grad_out, x.reshape(-1, weight.shape[1]), weight, lora_a, lora_b, xa, scaling, dropout_p,
+                _seed_int(seed), path, needs, grad_out.dtype, x.shape)
+        if grad_out.is_cuda and grad_out.get_device() != _current_device():
+            with torch.cuda.device(grad_out.device):
+                grads = _fused_backward(*args)
+        else:
+            grads = _fused_backward(*args)
+    return tuple(g.contiguous() if g is not None else grad_out.new_empty((0,)) for g in grads)
+
+
+@lora_linear_bwd.register_fake
+def _lora_linear_bwd_fake(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, mask, path, needs):
+    out_features = weight.shape[0]
+    shapes = (x.shape, weight.shape, lora_a.shape, lora_b.shape, (out_features,))
+    dtypes = (grad_out.dtype, weight.dtype, grad_out.dtype, grad_out.dtype, grad_out.dtype)
+    return tuple(grad_out.new_empty(tuple(shape) if need else (0,), dtype=dtype)
+                 for need, shape, dtype in zip(needs, shapes, dtypes))
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed, mask, path = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed, mask)
+    ctx.mark_non_differentiable(xa)
+    ctx.has_bias = bias is not None
+    ctx.scaling, ctx.dropout_p, ctx.path = scaling, dropout_p, path
+
+
+def _lora_linear_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_a, lora_b, xa, seed, mask = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    needs = [need_x, need_w, need_a, need_b, need_bias and ctx.has_bias]
+    grads = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed, mask,
+                            ctx.path, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
+
+
+lora_linear_fwd.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1211,8 +1400,9 @@ def lora_linear_triton(
     path: Optional[str] = None,
 ) -> torch.Tensor:
     """The Triton path of `lora_linear`, whatever the device: CUDA tensors, or CPU tensors when
-    TRITON_INTERPRET=1 (how CI tests the kernels). `seed` fixes the dropout mask (see
-    `dropout_mask`); `path` picks one of CUDA_PATHS (see the module docstring)."""
+    TRITON_INTERPRET=1 (how CI tests the kernels). `seed` (an int, or an int64 tensor of one
+    element, best on the CPU: a CUDA one is read with a device synchronisation) fixes the dropout
+    mask (see `dropout_mask`); `path` picks one of CUDA_PATHS (see the module docstring)."""
     _require_triton()
     if not _valid_cuda_args(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
         check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
@@ -1229,6 +1419,17 @@ def lora_linear_triton(
     return _run_triton(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed, _resolve_path(path))
 
 
+def _seed_tensor(seed) -> torch.Tensor:
+    """The dropout seed as the int64 CPU tensor of one element the custom ops take: drawn from
+    torch's default CPU generator when None (the draw of `draw_seed`, so torch.manual_seed makes
+    fused dropout reproducible, and no GPU synchronisation is needed to draw or read it)."""
+    if seed is None:
+        return _draw_seed_tensor()
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64)
+
+
 def _run_triton(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, seed, path):
     p = float(dropout_p) if training else 0.0
     if x.numel() == 0:
@@ -1237,6 +1438,12 @@ def _run_triton(x, weight, lora_a, lora_b, scaling, bias, dropout_p, training, s
         if p == 0.0:
             return LoRALinearTorchFunction.apply(x, weight, lora_a, lora_b, bias, float(scaling))
         path = "cublas"  # the mask must come from the seed, as in the fused kernels
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: the custom op, with the seed as a tensor (no .item() here).
+        seed_t = _seed_tensor(seed) if p > 0.0 else None
+        return lora_linear_fwd(x, weight, lora_a, lora_b, bias, float(scaling), p, seed_t, None, path)[0]
+    # Eager: the autograd.Function directly, which runs the same launches with the same seed but
+    # costs less host time per call than the custom op's autograd wrapper.
     if seed is None:
         seed = draw_seed() if p > 0.0 else 0
     if x.is_cuda and x.get_device() != _current_device():
@@ -1276,7 +1483,7 @@ def lora_linear(
     if not _valid_cuda_args(x, weight, lora_a, lora_b, scaling, bias, dropout_p):
         check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
     backend = lora_linear_backend(x, lora_a)
-    if logger.isEnabledFor(logging.DEBUG):
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug("lora_linear: %s backend for x %s %s on %s, rank %d", backend, tuple(x.shape),
                      x.dtype, x.device, lora_a.shape[0])
     if backend != "reference":
@@ -1284,4 +1491,7 @@ def lora_linear(
     mask = None
     if dropout_p > 0.0 and training:
         mask = torch.empty_like(x).bernoulli_(1.0 - dropout_p) / (1.0 - dropout_p)
+    if torch.compiler.is_compiling() and x.numel() > 0:
+        # The same arithmetic as one custom op (what the CUDA paths are under compile too).
+        return lora_linear_fwd(x, weight, lora_a, lora_b, bias, float(scaling), 0.0, None, mask, "reference")[0]
     return lora_linear_reference(x, weight, lora_a, lora_b, float(scaling), bias, mask)
