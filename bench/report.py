@@ -917,7 +917,7 @@ def quality_section(rows, excluded, suite, plots, results_path, runs_arg: str, s
         *([CHAT_SETTING, ""] if chat else []),
         f"`{UNTRAINED}` is the model as loaded, evaluated in the same way with no training step (its adapters start "
         "with B = 0 and add nothing), prompted as the fine-tuned runs are ("
-        + ("the chat template, the instruction and the meaning representation: it shows how far the instruction "
+        + ("the chat template, the instruction and the meaning representation): it shows how far the instruction "
            "alone gets the model. " if chat else
            "the meaning representation and ` ||`, no chat template or instruction): it shows what fine-tuning taught, "
            "not how well the model follows instructions. ") +
