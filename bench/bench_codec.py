@@ -47,7 +47,8 @@ from splitlora import codec, codec_reference
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line of a benchmark."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
     ref_reps = 10 if device.type == "cuda" else 3
     bits_list = [int(b) for b in args.bits.split(",")]
     dtypes = args.dtypes.split(",")
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_model()}, {os.cpu_count()} cores"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# codec benchmark: {machine}; torch {torch.__version__}; {stamp}")
     print(f"# {args.size_mib} MiB per tensor, group_size {args.group_size}, backend {codec.backend_for(device)}, "

@@ -28,7 +28,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -36,17 +35,9 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_codec import cpu_model
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def build_peft(args):

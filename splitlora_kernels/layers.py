@@ -94,6 +94,24 @@ def freeze_base(weight: torch.Tensor, bias, fan_in_fan_out: bool):
     return in_features, out_features
 
 
+def autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias):
+    """(autocast_on, x, weight, bias): under autocast, the three in autocast's dtype. The fused op
+    is a custom autograd.Function that autocast does not see into, so the cast autocast would
+    apply to a linear layer is applied here (FusedLoRALinear and patch_peft's forward share it)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return False, x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return True, x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def adapters_in(dtype: torch.dtype, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    """A and B in the compute dtype. Adapters may be kept in higher precision than the base (float32
+    on a bf16 model, as PEFT keeps them); the differentiable cast sends their gradients back in
+    their own dtype."""
+    return (lora_a if lora_a.dtype == dtype else lora_a.to(dtype),
+            lora_b if lora_b.dtype == dtype else lora_b.to(dtype))
+
+
 class FusedLoRALinear(nn.Module):
     """A linear layer with a frozen base weight and a trainable low-rank update:
 
@@ -252,16 +270,9 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._base_weight()
-        bias = self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # The fused op is a custom autograd.Function that autocast does not see into: apply the
-            # cast autocast would have applied to a linear layer ourselves.
-            compute_dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(compute_dtype)
-            weight = weight.to(compute_dtype)
-            bias = None if bias is None else bias.to(compute_dtype)
-        else:
-            compute_dtype = weight.dtype
+        autocast, x, weight, bias = autocast_operands(x, weight, self.bias)
+        compute_dtype = weight.dtype
+        if not autocast:
             if x.dtype != compute_dtype:
                 raise ValueError(
                     f"FusedLoRALinear received an input of dtype {x.dtype} but its base weight is {compute_dtype}; "
@@ -269,13 +280,7 @@ class FusedLoRALinear(nn.Module):
                 )
         if self.merged:
             return F.linear(x, weight, bias)
-        lora_a, lora_b = self.lora_A, self.lora_B
-        # Adapters may be kept in higher precision than the base (PEFT keeps them in float32 for a
-        # bf16 model); the differentiable cast sends gradients back in the adapters' own dtype.
-        if lora_a.dtype != compute_dtype:
-            lora_a = lora_a.to(compute_dtype)
-        if lora_b.dtype != compute_dtype:
-            lora_b = lora_b.to(compute_dtype)
+        lora_a, lora_b = adapters_in(compute_dtype, self.lora_A, self.lora_B)
         return lora_linear(
             x,
             weight,

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .layers import _is_conv1d
+from .layers import _is_conv1d, adapters_in, autocast_operands
 from .ops.lora_linear import lora_linear
 
 __all__ = ["patch_peft", "unpatch", "PatchReport", "is_patched"]
@@ -161,28 +161,17 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight = base.weight.t()  # Conv1D keeps [in, out]; the op takes any strides
     else:  # the base layer was replaced after patching
         return _fallback(self, x, args, kwargs)
-    bias = base.bias
     lora_a = self.lora_A[adapter].weight
     lora_b = self.lora_B[adapter].weight
-    if torch.is_autocast_enabled(x.device.type):
-        # lora_linear is a custom autograd.Function that autocast does not see into: apply the cast
-        # autocast applies to a linear layer (PEFT's base_layer(x) runs under it) ourselves.
-        compute_dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(compute_dtype)
-        weight = weight.to(compute_dtype)
-        bias = None if bias is None else bias.to(compute_dtype)
-    else:
-        compute_dtype = weight.dtype
+    # Under autocast, the cast autocast applies to PEFT's base_layer(x), applied by hand.
+    autocast, x, weight, bias = autocast_operands(x, weight, base.bias)
+    compute_dtype = weight.dtype
+    if not autocast:
         if x.dtype != compute_dtype or (lora_a.dtype != compute_dtype and not getattr(self, "cast_input_dtype_enabled", True)):
             return _fallback(self, x, args, kwargs)  # PEFT decides (and raises) as it would unpatched
     if x.device != weight.device or lora_a.device != weight.device or lora_b.device != weight.device:
         return _fallback(self, x, args, kwargs)
-    # PEFT keeps float32 adapters on a half-precision base; the differentiable cast sends their
-    # gradients back in their own dtype (the whole product then runs in the compute dtype).
-    if lora_a.dtype != compute_dtype:
-        lora_a = lora_a.to(compute_dtype)
-    if lora_b.dtype != compute_dtype:
-        lora_b = lora_b.to(compute_dtype)
+    lora_a, lora_b = adapters_in(compute_dtype, lora_a, lora_b)  # PEFT's float32 adapters on a 16-bit base
     dropout = self.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
     return lora_linear(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Architecture, layer_type_of, run_llama_style_layer
+from .llama import LayerTypesArchitecture
 from .registry import register_architecture
 
 
@@ -29,21 +29,12 @@ def softcap_logits(logits: torch.Tensor, cap) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 
 
-class Gemma2Architecture(Architecture):
-    backbone = "model"
-    embeddings = ("embed_tokens",)
-    layers = "layers"
-    final_norm = "norm"
-    rotary = "rotary_emb"
+class Gemma2Architecture(LayerTypesArchitecture):
+    """Llama's layout with per-layer attention kinds (config.layer_types), plus Gemma's embedding
+    scaling and final logit soft-capping."""
 
     def embed(self, segment, input_ids, position_ids):
         return scaled_embedding(segment.embed_tokens, input_ids, segment.config.hidden_size)
-
-    def layer_kind(self, config, index):
-        return layer_type_of(config, index)
-
-    def run_layer(self, layer, hidden, mask, position_ids, position_embeddings):
-        return run_llama_style_layer(layer, hidden, mask, position_ids, position_embeddings)
 
     def head_logits(self, segment, hidden):
         logits = getattr(segment, self.head)(hidden)
