@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Dict, Iterable, Mapping, Union
 
 import torch
@@ -50,8 +51,53 @@ def _is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def _linear4bit_class():
+    """bitsandbytes' Linear4bit (NF4/FP4; LinearNF4/LinearFP4 subclass it), or None when bitsandbytes
+    has not been imported: a model holding such a layer has imported it, so this never imports it."""
+    bnb = sys.modules.get("bitsandbytes")
+    bnb_nn = getattr(bnb, "nn", None) if bnb is not None else None
+    return getattr(bnb_nn, "Linear4bit", None)
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    cls = _linear4bit_class()
+    return cls is not None and isinstance(module, cls)
+
+
 def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+@torch.no_grad()
+def dequantize_4bit_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight of a bitsandbytes 4-bit `Params4bit`, dequantized into `dtype` (a temporary:
+    nothing is stored, no gradient reaches the quantized weight).
+
+    bitsandbytes repacks a CPU Linear4bit's weight into an AVX512-BF16 inference layout the first
+    time it runs in eval mode without grad; that layout is first turned back into the standard one
+    with bitsandbytes' own inverse (as bitsandbytes does before saving or moving the weight)."""
+    import bitsandbytes.functional as bnb_f
+
+    if getattr(weight, "quant_state", None) is None:
+        raise ValueError("the 4-bit base weight is not quantized yet (its quant_state is None); move the "
+                         "bitsandbytes Linear4bit to its device (e.g. .to('cuda') or .to('cpu')) first.")
+    _unpack_cpu_layout(weight)
+    return bnb_f.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+
+
+@torch.no_grad()
+def _unpack_cpu_layout(weight: torch.Tensor) -> None:
+    """Undo bitsandbytes' CPU AVX512-BF16 repacking of a Params4bit in place (a no-op otherwise)."""
+    quant_state = getattr(weight, "quant_state", None)
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        import bitsandbytes.functional as bnb_f
+
+        weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+
+
+def linear4bit_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a bitsandbytes Linear4bit computes in for input x (its compute_dtype, else x's)."""
+    return getattr(base, "compute_dtype", None) or x.dtype
 
 
 def _check_hyperparameters(r, lora_alpha, lora_dropout) -> None:
@@ -85,6 +131,10 @@ def freeze_base(weight: torch.Tensor, bias, fan_in_fan_out: bool):
     or None), freezes them and returns (in_features, out_features)."""
     if weight.dim() != 2:
         raise ValueError(f"the base weight must be 2-D; got shape {tuple(weight.shape)}.")
+    if not weight.dtype.is_floating_point:
+        # e.g. a bitsandbytes Params4bit ([n, 1] packed codes), which would pass the 2-D check.
+        raise ValueError(f"the base weight must be a floating-point tensor; got {type(weight).__name__} of dtype "
+                         f"{weight.dtype} (a bitsandbytes 4-bit base is wrapped by FusedLoRALinear.from_linear).")
     in_features, out_features = weight.shape if fan_in_fan_out else reversed(weight.shape)
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"the base bias must have shape ({out_features},) to match the weight; got {tuple(bias.shape)}.")
@@ -156,17 +206,32 @@ class FusedLoRALinear(nn.Module):
     # Shared by __init__ and from_linear: from_linear must adopt the existing Parameter objects
     # rather than allocate (and randomly initialise) a second full-size weight.
     def _setup(self, weight, bias, fan_in_fan_out, r, lora_alpha, lora_dropout, use_rslora,
-               adapter_dtype=None) -> None:
+               adapter_dtype=None, base_4bit=None) -> None:
         _check_hyperparameters(r, lora_alpha, lora_dropout)
         adapter_dtype = _check_adapter_dtype(adapter_dtype)
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        self.in_features, self.out_features = freeze_base(weight, bias, self.fan_in_fan_out)
+        # base_4bit: the bitsandbytes Linear4bit whose quantized weight (a Params4bit, kept as is:
+        # no dense copy is stored) and bias this layer adopts. Not registered as a submodule, so
+        # the names stay <module>.weight / <module>.bias; `_compute_dtype_4bit` is its compute dtype.
+        self.is_4bit = base_4bit is not None
+        if self.is_4bit:
+            self.out_features, self.in_features = (int(n) for n in weight.quant_state.shape)
+            if bias is not None and tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"the base bias must have shape ({self.out_features},); got {tuple(bias.shape)}.")
+            weight.requires_grad_(False)
+            if bias is not None:
+                bias.requires_grad_(False)
+            self._compute_dtype_4bit = getattr(base_4bit, "compute_dtype", None)
+            dense_dtype = self._compute_dtype_4bit or weight.quant_state.dtype
+        else:
+            self.in_features, self.out_features = freeze_base(weight, bias, self.fan_in_fan_out)
+            dense_dtype = weight.dtype
         self.weight = weight
         self.bias = bias
         self.lora_alpha = float(lora_alpha)
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = bool(use_rslora)
-        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        factory = dict(device=weight.device, dtype=adapter_dtype or dense_dtype)
         r = int(r)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -189,10 +254,27 @@ class FusedLoRALinear(nn.Module):
         """Wrap an `nn.Linear` or a transformers GPT-2 `Conv1D`, reusing its weight and bias
         Parameters (same objects, same storage: no copy, state-dict names and tying preserved).
         The base parameters are frozen; new adapters are created on the weight's device, in
-        `adapter_dtype` (default: the weight's dtype)."""
+        `adapter_dtype` (default: the weight's dtype).
+
+        A bitsandbytes `Linear4bit` (NF4/FP4, as in QLoRA) is wrapped too: its quantized weight is
+        kept as is (no dense copy is stored), forward dequantizes it on the fly into the layer's
+        compute dtype (no gradient reaches it), and the default adapter dtype is that compute dtype
+        (the dtype the weight was quantized from when none is set). merge() is refused on it."""
         if isinstance(linear, FusedLoRALinear):
             raise ValueError("linear is already a FusedLoRALinear; wrap the original nn.Linear or Conv1D instead.")
-        if isinstance(linear, nn.Linear):
+        base_4bit = None
+        if _is_linear4bit(linear):
+            fan_in_fan_out = False
+            base_4bit = linear
+            if getattr(linear.weight, "quant_state", None) is None:
+                raise ValueError("the bitsandbytes Linear4bit is not quantized yet (weight.quant_state is None); "
+                                 "move it to its device first (bitsandbytes quantizes on .to()).")
+        elif isinstance(linear, nn.Linear):
+            if not linear.weight.dtype.is_floating_point:
+                raise ValueError(
+                    f"linear is a {type(linear).__name__} with a {linear.weight.dtype} weight; only a floating-point "
+                    "nn.Linear / Conv1D or a bitsandbytes 4-bit Linear4bit base can be wrapped."
+                )
             fan_in_fan_out = False
         elif _is_conv1d(linear):
             fan_in_fan_out = True
@@ -202,7 +284,8 @@ class FusedLoRALinear(nn.Module):
             )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear.weight, linear.bias, fan_in_fan_out, r, alpha, dropout, use_rslora, adapter_dtype)
+        layer._setup(linear.weight, linear.bias, fan_in_fan_out, r, alpha, dropout, use_rslora, adapter_dtype,
+                     base_4bit=base_4bit)
         layer.train(linear.training)
         return layer
 
@@ -226,7 +309,16 @@ class FusedLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def _base_weight(self) -> torch.Tensor:
+    def _dense_dtype(self, x=None) -> torch.dtype:
+        """4-bit base: the dtype its weight is dequantized into (the compute dtype, else x's dtype,
+        else the dtype it was quantized from)."""
+        if self._compute_dtype_4bit is not None:
+            return self._compute_dtype_4bit
+        return x.dtype if x is not None else self.weight.quant_state.dtype
+
+    def _base_weight(self, x=None) -> torch.Tensor:
+        if self.is_4bit:
+            return dequantize_4bit_weight(self.weight, self._dense_dtype(x))
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def delta_weight(self) -> torch.Tensor:
@@ -235,7 +327,8 @@ class FusedLoRALinear(nn.Module):
         return self._delta(self.lora_A, self.lora_B, self.scaling)
 
     def _delta(self, lora_a, lora_b, scaling) -> torch.Tensor:
-        acc = dict(device=self.weight.device, dtype=torch.promote_types(self.weight.dtype, torch.float32))
+        dense = self._dense_dtype() if self.is_4bit else self.weight.dtype
+        acc = dict(device=self.weight.device, dtype=torch.promote_types(dense, torch.float32))
         # .to(device): the copies kept by merge() are plain attributes that module.to() does not move.
         delta = (lora_b.detach().to(**acc) @ lora_a.detach().to(**acc)) * scaling
         if self.fan_in_fan_out:
@@ -247,6 +340,13 @@ class FusedLoRALinear(nn.Module):
         """Fold scaling * B @ A into the base weight; forward then runs the base linear only."""
         if self.merged:
             raise ValueError("this FusedLoRALinear is already merged; merging twice would add the update twice.")
+        if self.is_4bit:
+            raise ValueError(
+                "cannot merge into a 4-bit (bitsandbytes) base weight: requantizing W + B @ A loses precision. "
+                "Dequantize the base first (e.g. a dense nn.Linear with weight "
+                "bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)) and merge there, "
+                "or keep the adapters unmerged."
+            )
         lora_a, lora_b, scaling = self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling
         merged = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) + self._delta(
             lora_a, lora_b, scaling
@@ -269,6 +369,8 @@ class FusedLoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_4bit:
+            return self._forward_4bit(x)
         weight = self._base_weight()
         autocast, x, weight, bias = autocast_operands(x, weight, self.bias)
         compute_dtype = weight.dtype
@@ -292,12 +394,58 @@ class FusedLoRALinear(nn.Module):
             training=self.training,
         )
 
+    def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        # As bitsandbytes' Linear4bit: the input is cast to the compute dtype and the result back to
+        # the input's dtype. Under autocast everything runs in autocast's dtype instead (as a dense
+        # FusedLoRALinear does; bitsandbytes itself would keep its compute dtype for the base). The weight is dequantized under no_grad (a temporary, no gradient); the
+        # gradient reaches x through the op's product with it, and the adapters as usual.
+        inp_dtype = x.dtype
+        weight = self._base_weight(x)
+        autocast, x, weight, bias = autocast_operands(x, weight, self.bias)
+        compute_dtype = weight.dtype
+        if not autocast:
+            x = x.to(compute_dtype)
+            bias = None if bias is None else bias.to(compute_dtype)
+        lora_a, lora_b = adapters_in(compute_dtype, self.lora_A, self.lora_B)
+        out = lora_linear(x, weight, lora_a, lora_b, self.scaling, bias=bias, dropout_p=self.lora_dropout,
+                          training=self.training)
+        return out if autocast else out.to(inp_dtype)
+
+    # A 4-bit base is saved like bitsandbytes' Linear4bit saves it: the packed codes at `weight` and
+    # the components of its quant_state at `weight.<component>` (absmax, quant_map, ...), so the
+    # base keys of a wrapped model are those of the quantized model; loading reads them back.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.is_4bit:
+            _unpack_cpu_layout(self.weight)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_4bit and getattr(self.weight, "quant_state", None) is not None:
+            for key, value in self.weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.is_4bit:
+            _unpack_cpu_layout(self.weight)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not self.is_4bit:
+            return
+        qprefix = prefix + "weight."
+        qkeys = [k for k in state_dict if k.startswith(qprefix)]
+        if qkeys and prefix + "weight" in state_dict:
+            from bitsandbytes.functional import QuantState
+
+            self.weight.quant_state = QuantState.from_dict(
+                {k[len(qprefix):]: state_dict[k] for k in qkeys}, device=self.weight.device
+            )
+            unexpected_keys[:] = [k for k in unexpected_keys if k not in qkeys]
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
             f"use_rslora={self.use_rslora}, bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, "
-            f"merged={self.merged}"
+            f"merged={self.merged}" + (", base=bitsandbytes 4-bit" if self.is_4bit else "")
         )
 
 
@@ -414,7 +562,8 @@ def apply_fused_lora(
 
     target_modules: module-name suffixes or full names, matched like PEFT's list form
         ("c_attn" matches "transformer.h.0.attn.c_attn"); a single string is one such name (not a regex).
-        Every entry must match at least one module, and every match must be an nn.Linear or Conv1D.
+        Every entry must match at least one module, and every match must be an nn.Linear or Conv1D
+        (a bitsandbytes 4-bit Linear4bit is accepted: see FusedLoRALinear.from_linear).
     r, alpha: a number for all targets, or a dict {suffix or full name: value} for per-module values
         (the most specific key wins, so {"q_proj": 8, "model.layers.0.self_attn.q_proj": 16} gives layer
         0 rank 16); every targeted module must be covered and every key must match a targeted module.
@@ -449,6 +598,11 @@ def apply_fused_lora(
                 f"target module {name!r} is a {type(module).__name__}; only torch.nn.Linear and transformers "
                 "Conv1D can be wrapped. Name a linear submodule instead "
                 f"(linear modules: {_available_linear_names(model)})."
+            )
+        if isinstance(module, nn.Linear) and not _is_linear4bit(module) and not module.weight.dtype.is_floating_point:
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__} with a {module.weight.dtype} weight; only "
+                "floating-point linears and bitsandbytes 4-bit Linear4bit bases can be wrapped."
             )
 
     # A dict key that matches no targeted module is almost certainly a typo; say so now rather

@@ -5,7 +5,7 @@
     unpatch(peft_model)                 # back to PEFT's own forward
 
 In the style of Liger-Kernel's ``apply_liger_kernel_to_*``: nothing is replaced but the ``forward`` of
-each ``peft.tuners.lora.layer.Linear`` instance (a per-instance bound method; ``unpatch`` deletes it,
+each ``peft.tuners.lora.layer.Linear`` (and QLoRA's ``peft.tuners.lora.bnb.Linear4bit``) instance (a per-instance bound method; ``unpatch`` deletes it,
 so the class's ``forward`` is found again). The patched forward reads PEFT's own parameters and
 settings on every call (``lora_A[adapter].weight``, ``lora_B[adapter].weight``, ``scaling[adapter]``,
 ``lora_dropout[adapter].p``, the base layer's ``weight``/``bias``), so PEFT's parameters, names,
@@ -15,8 +15,9 @@ optimizer references, ``save_pretrained``, ``merge_and_unload``, ``disable_adapt
 What the fused op cannot represent stays on PEFT's path:
 
 * at patch time (the layer is not patched; the report gives the reason): LoRA layers other than
-  ``lora.Linear`` (embeddings, convolutions, MultiheadAttention, quantized or tensor-parallel
-  linears), base layers other than a plain ``nn.Linear`` / transformers ``Conv1D``, and layers
+  ``lora.Linear`` / ``lora.bnb.Linear4bit`` (embeddings, convolutions, MultiheadAttention, 8-bit or
+  other quantized or tensor-parallel linears), base layers other than a plain ``nn.Linear`` /
+  transformers ``Conv1D`` (or a bitsandbytes ``Linear4bit`` under ``lora.bnb.Linear4bit``), and layers
   none of whose adapters is plain LoRA (DoRA and the other LoRA variants, ``lora_bias=True``);
 * at call time (checked on every forward, because this state changes after patching): adapters
   disabled, a merged layer, ``adapter_names=`` (mixed batches), several or no active adapters, an
@@ -24,6 +25,12 @@ What the fused op cannot represent stays on PEFT's path:
   ``nn.Identity``, forward hooks on the base layer (e.g. accelerate's offloading), extra
   positional or keyword arguments, and inputs the op would refuse (dtype or device mismatch
   without autocast). Those calls run PEFT's original forward.
+
+4-bit bases (QLoRA): the base weight is dequantized on the fly (``bitsandbytes.functional.
+dequantize_4bit`` into the layer's compute dtype, under no_grad: a temporary, never stored) and the
+op runs on it. An input whose dtype differs from the compute dtype, and any call under autocast,
+takes PEFT's path (bitsandbytes casts the input to its compute dtype and the result back, which
+the single-dtype op does not reproduce).
 
 Dropout: in training mode the fused path applies dropout with PEFT's probability
 (``lora_dropout[adapter].p``, only while that dropout module is in training mode) but draws its
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -42,7 +50,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .layers import _is_conv1d, adapters_in, autocast_operands
+from .layers import (_is_conv1d, _is_linear4bit, adapters_in, autocast_operands, dequantize_4bit_weight,
+                     linear4bit_compute_dtype)
 from .ops.lora_linear import lora_linear
 
 __all__ = ["patch_peft", "unpatch", "PatchReport", "is_patched"]
@@ -118,15 +127,41 @@ def _adapter_reason(layer, adapter: str) -> Optional[str]:
     return None
 
 
+def _lora_linear4bit_class():
+    """PEFT's QLoRA layer `peft.tuners.lora.bnb.Linear4bit`, or None (bitsandbytes not installed)."""
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:  # pragma: no cover - depends on the installed peft
+        return None
+    return getattr(lora_bnb, "Linear4bit", None)
+
+
+def _is_4bit_lora(layer) -> bool:
+    cls = _lora_linear4bit_class() if "bitsandbytes" in sys.modules else None
+    return cls is not None and type(layer) is cls
+
+
+def _quantized_4bit(base: nn.Module) -> bool:
+    # A bitsandbytes Linear4bit base that has been quantized (PEFT wraps it in lora.bnb.Linear4bit on
+    # a model loaded in 4-bit, in a plain lora.Linear otherwise: both compute base(x) + LoRA).
+    return _is_linear4bit(base) and getattr(base.weight, "quant_state", None) is not None
+
+
 def _static_reason(layer, lora_layer) -> Optional[str]:
     """Why `layer` is not patched at all (None if it is patched)."""
-    if type(layer) is not lora_layer.Linear:
+    if _is_4bit_lora(layer):
+        base = layer.base_layer
+        if not _quantized_4bit(base):
+            return (f"Linear4bit LoRA layer over {type(base).__name__} "
+                    "(only a quantized bitsandbytes Linear4bit base is fused)")
+    elif type(layer) is not lora_layer.Linear:
         kind = type(layer).__name__
         base = getattr(layer, "base_layer", None)
         base_kind = type(base).__name__ if base is not None else "?"
-        return f"{kind} LoRA layer over {base_kind} (only lora.Linear over nn.Linear/Conv1D is fused)"
-    base = layer.base_layer
-    if not _plain_base(base):
+        return (f"{kind} LoRA layer over {base_kind} (only lora.Linear over nn.Linear/Conv1D and "
+                "lora.bnb.Linear4bit over a bitsandbytes Linear4bit are fused)")
+    elif not (_plain_base(layer.base_layer) or _quantized_4bit(layer.base_layer)):
+        base = layer.base_layer
         return (f"base layer is {type(base).__name__} with weight {type(getattr(base, 'weight', None)).__name__} "
                 f"(only a plain nn.Linear/Conv1D base is fused)")
     adapters = list(layer.lora_A.keys())
@@ -155,7 +190,17 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__ or not isinstance(x, torch.Tensor):
         return _fallback(self, x, args, kwargs)
     adapter = active[0]
-    if type(base) is nn.Linear:
+    inp_dtype = None
+    if _is_linear4bit(base):
+        if getattr(base.weight, "quant_state", None) is None:
+            return _fallback(self, x, args, kwargs)
+        compute_dtype = linear4bit_compute_dtype(base, x)
+        # Under autocast bitsandbytes computes the base in its compute dtype and returns the input's
+        # dtype, which the op (one dtype for base and LoRA) does not reproduce: PEFT's path.
+        if x.dtype != compute_dtype or torch.is_autocast_enabled(x.device.type):
+            return _fallback(self, x, args, kwargs)
+        weight = dequantize_4bit_weight(base.weight, compute_dtype)  # no_grad temporary, never stored
+    elif type(base) is nn.Linear:
         weight = base.weight
     elif _is_conv1d(base):
         weight = base.weight.t()  # Conv1D keeps [in, out]; the op takes any strides
