@@ -119,20 +119,28 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int,
     if any(truncated):
         logger.warning("%d of %d examples were longer than max_length=%d: their targets were cut",
                        sum(truncated), len(examples), max_length)
-    length = max(len(r) for r in rows)
-    n = len(rows)
-    input_ids = torch.full((n, length), tokenizer.pad_id, dtype=torch.long)
+    masks = [[False] * p + [True] * (len(ids) - p) for ids, p in zip(rows, prompt_lens)]
+    return rows_to_dataset(list(zip(rows, masks)), truncated, tokenizer.pad_id)
+
+
+def rows_to_dataset(rows: Sequence[tuple[Sequence[int], Sequence[bool]]], truncated: Sequence[bool],
+                    pad_id: int) -> TokenizedDataset:
+    """Right-padded tensors of `rows` ((token ids, label mask) each: labels are the ids where the
+    mask is True, IGNORE_INDEX elsewhere and on the padding)."""
+    n, length = len(rows), max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((n, length), int(pad_id), dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     num_target = torch.empty(n, dtype=torch.long)
-    for i, (ids, p) in enumerate(zip(rows, prompt_lens)):
-        row = torch.tensor(ids, dtype=torch.long)
-        input_ids[i, :len(ids)] = row
-        attention_mask[i, :len(ids)] = 1
-        labels[i, p:len(ids)] = row[p:]
-        num_target[i] = len(ids) - p
+    for i, (ids, mask) in enumerate(rows):
+        row = torch.tensor(list(ids), dtype=torch.long)
+        keep = torch.tensor(list(mask), dtype=torch.bool)
+        input_ids[i, :len(row)] = row
+        attention_mask[i, :len(row)] = 1
+        labels[i, :len(row)] = torch.where(keep, row, torch.full_like(row, IGNORE_INDEX))
+        num_target[i] = int(keep.sum())
     return TokenizedDataset(input_ids, attention_mask, labels, num_target,
-                            torch.tensor(truncated, dtype=torch.bool))
+                            torch.tensor(list(truncated), dtype=torch.bool))
 
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, List, Optional, Sequence
 
-from .e2e import read_e2e, synthetic_examples
+from .e2e import read_e2e
 from .formats import read_rows
+from .sources import load_dataset
 from .records import Chat, PromptCompletion, Record, RecordKeys, SkipCounter, detect_format, \
     examples_to_records, rows_to_records
 
@@ -116,11 +117,10 @@ def load_records(d, *, clients: int, seed: int) -> RecordSets:
     """The records of a DataConfig `d` (see the module docstring for where evaluation data comes from)."""
     notes: List[str] = []
     if d.source == "synthetic":
-        n_train = d.num_train if d.num_train is not None else d.synthetic_examples
-        n_eval = d.num_eval if d.num_eval is not None else 200
-        stream = synthetic_examples(n_eval + n_train, seed)
-        return RecordSets(examples_to_records(stream[n_eval:]), examples_to_records(stream[:n_eval]),
-                          "prompt_completion", notes=notes)
+        # The generated task has its own held-out stream (sources.load_dataset).
+        train, evals = load_dataset("synthetic", seed=seed, num_eval=d.num_eval,
+                                    num_train=d.num_train if d.num_train is not None else d.synthetic_examples)
+        return RecordSets(examples_to_records(train), examples_to_records(evals), "prompt_completion", notes=notes)
 
     train_skips, eval_skips = SkipCounter("training"), SkipCounter("evaluation")
     shards = client_names = None

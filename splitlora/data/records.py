@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from tqdm.auto import tqdm
 
-from .dataset import IGNORE_INDEX, TokenizedDataset
+from .dataset import TokenizedDataset, rows_to_dataset
 from .e2e import DEFAULT_SEPARATOR, TARGET_PREFIX, Example
 
 __all__ = [
@@ -386,24 +385,7 @@ def encode_records(records: Sequence[Record], tokenizer, max_length: int, on_lon
     if not rows:
         raise ValueError(f"no record could be encoded ({skips.summary() or 'none given'}); check the data "
                          f"and data.max_length={max_length}")
-    return _to_dataset(rows, truncated, tokenizer.pad_id), kept
-
-
-def _to_dataset(rows: Sequence[Tuple[List[int], List[bool]]], truncated: Sequence[bool], pad_id: int) -> TokenizedDataset:
-    n, length = len(rows), max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((n, length), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    num_target = torch.empty(n, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        row = torch.tensor(ids, dtype=torch.long)
-        keep = torch.tensor(mask, dtype=torch.bool)
-        input_ids[i, :len(ids)] = row
-        attention_mask[i, :len(ids)] = 1
-        labels[i, :len(ids)] = torch.where(keep, row, torch.full_like(row, IGNORE_INDEX))
-        num_target[i] = int(keep.sum())
-    return TokenizedDataset(input_ids, attention_mask, labels, num_target,
-                            torch.tensor(list(truncated), dtype=torch.bool))
+    return rows_to_dataset(rows, truncated, tokenizer.pad_id), kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,18 +239,20 @@ def test_compile_tiny_lm_with_apply_fused_lora(arch, build_model, lora_targets, 
     randomize(model, seed=1)
     model.train()
 
-    def run(m):
-        m.zero_grad(set_to_none=True)
-        torch.manual_seed(7)
-        # The loss outside the model: transformers' own loss_function logs a warning_once on the
-        # first call, which dynamo cannot trace (a graph break in transformers, not in the op).
-        logits = m(token_ids).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), token_ids[:, 1:].flatten()).backward()
-        return logits.detach(), _grads(m)
-
-    eager = run(model)
+    eager = _lm_step(model, token_ids)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _assert_same(eager, run(compiled))
+    _assert_same(eager, _lm_step(compiled, token_ids))
+
+
+def _lm_step(m, token_ids):
+    """(logits, LoRA gradients) of one next-token loss backward, dropout seeded the same each call."""
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    # The loss outside the model: transformers' own loss_function logs a warning_once on the
+    # first call, which dynamo cannot trace (a graph break in transformers, not in the op).
+    logits = m(token_ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), token_ids[:, 1:].flatten()).backward()
+    return logits.detach(), _grads(m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,12 +282,5 @@ def test_compile_patched_peft_fullgraph(arch, build_model, lora_targets, randomi
     assert sum("splitlora.lora_linear_fwd" in t for t in targets) == n_lora > 0
     torch._dynamo.reset()
 
-    def run(m):
-        m.zero_grad(set_to_none=True)
-        torch.manual_seed(7)
-        logits = m(token_ids).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), token_ids[:, 1:].flatten()).backward()
-        return logits.detach(), _grads(m)
-
-    eager = run(model)
-    _assert_same(eager, run(torch.compile(model, fullgraph=True, backend="aot_eager")))
+    eager = _lm_step(model, token_ids)
+    _assert_same(eager, _lm_step(torch.compile(model, fullgraph=True, backend="aot_eager"), token_ids))
