@@ -34,6 +34,11 @@
 //                     with u = (hash(seed, element index) >> 8) * 2^-24, hash below
 //   q = clamp(q, -qmax, qmax); q = 0 where scale == 0
 //   decode: y = float32(q) * scale, then cast (round to nearest even) to the packet's dtype.
+// Private compress (splitlora.codec.compress with clip=...): before the steps above, element i of
+// row r = i / (numel / rows) becomes v = float32(float32(x_i * factor_r) + noise_i), or 0 where
+// factor_r == 0 (padding), with noise_i = float32(sigma * hash_gaussian(noise_seed, i)); the
+// per-row factors (min(1, clip / norm)) are computed in torch for every backend. The packet is
+// an ordinary packet of x's dtype: the format does not change.
 // No fused multiply-add and no fast-math anywhere: a contracted a*b+c rounds differently and
 // the packets of two backends would no longer match byte for byte.
 //
@@ -41,6 +46,7 @@
 // header bytes and write them, the scales and the codes straight into the packet they allocate.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -100,6 +106,17 @@ SL_HD uint32_t sr_hash(uint64_t seed, uint64_t index) {
 // 24 random bits scaled by 2^-24: exact in float32 and in [0, 1).
 SL_HD float sr_uniform(uint64_t seed, uint64_t index) {
   return static_cast<float>(sr_hash(seed, index) >> 8) * 5.9604644775390625e-08f;
+}
+
+// Gaussian noise of the private compress (clip + noise + quantize in one pass; the spec and its
+// reasons are in splitlora/privacy/noise.py): Box-Muller on two counter hashes of element i, in
+// float64, so every backend and the plain-torch oracle draw the same noise for the same seed.
+// (h + 1) * 2^-32 lies in (0, 1]: log never sees 0. Only multiplications and a negation around
+// the libm calls, so no multiply-add can be contracted.
+SL_HD double hash_gaussian(uint64_t seed, uint64_t index) {
+  const double u1 = (static_cast<double>(sr_hash(seed, 2 * index)) + 1.0) * 2.3283064365386963e-10;
+  const double u2 = static_cast<double>(sr_hash(seed, 2 * index + 1)) * 2.3283064365386963e-10;
+  return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
 SL_HD uint32_t f32_bits(float f) {

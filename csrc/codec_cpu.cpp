@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cfloat>
 #include <limits>
@@ -50,11 +51,29 @@ struct F16 {
   static inline uint16_t store(float v) { return f32_to_f16(v); }
 };
 
+// The private compress's per-element step (codec.h): clip by the row's factor, add the hash
+// Gaussian, or 0 on a padded row. A separate instantiation (PRIV), so the plain path keeps its
+// vectorized loops; the libm calls keep this one scalar.
+struct PrivArgs {
+  const float* factors = nullptr;  // float32[rows]
+  int64_t row_len = 1;             // elements per row
+  double sigma = 0.0;              // noise std
+  uint64_t seed = 0;               // noise seed
+};
+
+inline float private_value(float v, int64_t i, const PrivArgs& pa) {
+  const float fac = pa.factors[i / pa.row_len];
+  if (fac == 0.0f) return 0.0f;
+  const float y = v * fac;
+  if (!(pa.sigma > 0.0)) return y;
+  return y + static_cast<float>(pa.sigma * hash_gaussian(pa.seed, static_cast<uint64_t>(i)));
+}
+
 // Quantizes groups [g0, g1). Returns 1 when a group held NaN or Inf (its scale is set to NaN).
-template <typename E, int BITS, bool STOCH>
+template <typename E, int BITS, bool STOCH, bool PRIV = false>
 SL_CPU_CLONES int compress_groups(const typename E::storage* x, int64_t numel, int64_t gs,
                                   int64_t g0, int64_t g1, uint64_t seed, float* scales,
-                                  uint8_t* codes) {
+                                  uint8_t* codes, const PrivArgs& pa = PrivArgs{}) {
   constexpr int QMAX = (1 << (BITS - 1)) - 1;
   constexpr int OFF = 1 << (BITS - 1);
   constexpr int PER_BYTE = 8 / BITS;
@@ -70,7 +89,8 @@ SL_CPU_CLONES int compress_groups(const typename E::storage* x, int64_t numel, i
     const typename E::storage* xg = x + base;
     uint32_t amax = 0;
     for (int64_t j = 0; j < m; ++j) {
-      const float f = E::load(xg[j]);
+      float f = E::load(xg[j]);
+      if (PRIV) f = private_value(f, base + j, pa);
       v[j] = f;
       const uint32_t a = f32_bits(f) & 0x7fffffffU;
       amax = a > amax ? a : amax;
@@ -183,6 +203,19 @@ SL_CPU_CLONES int encode_bf16(const typename E::storage* x, uint16_t* out, int64
   return amax >= 0x7f80U ? 1 : 0;
 }
 
+// bits 16 of the private compress: the clipped, noised float32 value rounded to bfloat16.
+template <typename E>
+int encode_bf16_private(const typename E::storage* x, uint16_t* out, int64_t b, int64_t e, const PrivArgs& pa) {
+  uint32_t amax = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const uint16_t h = f32_to_bf16(private_value(E::load(x[i]), i, pa));
+    out[i] = h;
+    const uint32_t a = h & 0x7fffU;
+    amax = a > amax ? a : amax;
+  }
+  return amax >= 0x7f80U ? 1 : 0;
+}
+
 template <typename E>
 SL_CPU_CLONES void decode_bf16(const uint16_t* in, typename E::storage* y, int64_t b, int64_t e) {
   if (std::is_same<E, BF16>::value) {
@@ -215,9 +248,9 @@ T* ptr_as(const at::Tensor& t, int64_t byte_offset) {
   return reinterpret_cast<T*>(static_cast<uint8_t*>(t.data_ptr()) + byte_offset);
 }
 
-std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::IntArrayRef header,
-                                                int64_t bits, int64_t group_size, bool stochastic,
-                                                int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> compress_impl(const at::Tensor& x_in, c10::IntArrayRef header,
+                                                 int64_t bits, int64_t group_size, bool stochastic,
+                                                 int64_t seed, const PrivArgs* pa) {
   uint8_t header_bytes[kHeaderBytes];
   check_compress_args(header, bits, group_size, stochastic, header_bytes);
   const at::Tensor x = x_in.contiguous();
@@ -238,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::Int
       if (bits == 16) {
         uint16_t* out = ptr_as<uint16_t>(packet, kHeaderBytes);
         at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e2) {
-          if (encode_bf16<E>(xp, out, b, e2)) bad.store(1, std::memory_order_relaxed);
+          const int r = pa ? encode_bf16_private<E>(xp, out, b, e2, *pa) : encode_bf16<E>(xp, out, b, e2);
+          if (r) bad.store(1, std::memory_order_relaxed);
         });
         return;
       }
@@ -248,15 +282,39 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x_in, c10::Int
       dispatch_bits(bits, [&](auto bits_c) {
         constexpr int B = decltype(bits_c)::value;
         at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
-          const int r = stochastic
-              ? compress_groups<E, B, true>(xp, numel, group_size, g0, g1, static_cast<uint64_t>(seed), scales, codes)
-              : compress_groups<E, B, false>(xp, numel, group_size, g0, g1, 0, scales, codes);
+          const uint64_t s = static_cast<uint64_t>(seed);
+          int r;
+          if (pa)
+            r = stochastic ? compress_groups<E, B, true, true>(xp, numel, group_size, g0, g1, s, scales, codes, *pa)
+                           : compress_groups<E, B, false, true>(xp, numel, group_size, g0, g1, 0, scales, codes, *pa);
+          else
+            r = stochastic ? compress_groups<E, B, true>(xp, numel, group_size, g0, g1, s, scales, codes)
+                           : compress_groups<E, B, false>(xp, numel, group_size, g0, g1, 0, scales, codes);
           if (r) bad.store(1, std::memory_order_relaxed);
         });
       });
     });
   }
   return {packet, at::full({1}, bad.load(), x.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& x, c10::IntArrayRef header, int64_t bits,
+                                                int64_t group_size, bool stochastic, int64_t seed) {
+  return compress_impl(x, header, bits, group_size, stochastic, seed, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> compress_private_cpu(const at::Tensor& x, const at::Tensor& factors,
+                                                        c10::IntArrayRef header, int64_t bits, int64_t group_size,
+                                                        bool stochastic, int64_t seed, double sigma,
+                                                        int64_t noise_seed) {
+  const int64_t row_len = check_private_args(x, factors, sigma);
+  const at::Tensor f = factors.contiguous();
+  PrivArgs pa;
+  pa.factors = f.data_ptr<float>();
+  pa.row_len = row_len;
+  pa.sigma = sigma;
+  pa.seed = static_cast<uint64_t>(noise_seed);
+  return compress_impl(x, header, bits, group_size, stochastic, seed, &pa);
 }
 
 std::tuple<at::Tensor, at::Tensor> decompress_cpu(const at::Tensor& packet, at::ScalarType dtype,
@@ -296,6 +354,7 @@ std::tuple<at::Tensor, at::Tensor> decompress_cpu(const at::Tensor& packet, at::
 
 TORCH_LIBRARY_IMPL(splitlora, CPU, m) {
   m.impl("compress", &compress_cpu);
+  m.impl("compress_private", &compress_private_cpu);
   m.impl("decompress", &decompress_cpu);
 }
 

@@ -33,6 +33,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -714,10 +715,152 @@ at::Tensor packet_header_cuda(const at::Tensor& packet) {
   return head;
 }
 
+// --- the private compress (clip + noise + quantize in one pass; arithmetic in codec.h) ---------
+// One block per group: each thread clips and noises its elements into shared memory, the block
+// reduces the absmax, then each thread quantizes and packs whole code bytes. Simpler than the
+// chunked kernels above (exact IEEE division throughout, no vector loads): the float64 libm calls
+// of the noise dominate its cost anyway, and exactness against the torch oracle matters more here.
+__device__ __forceinline__ float private_value_dev(float v, int64_t i, const float* __restrict__ factors,
+                                                   int64_t row_len, double sigma, uint64_t nseed) {
+  const float fac = factors[i / row_len];
+  if (fac == 0.0f) return 0.0f;
+  const float y = __fmul_rn(v, fac);
+  if (!(sigma > 0.0)) return y;
+  return __fadd_rn(y, __double2float_rn(__dmul_rn(sigma, hash_gaussian(nseed, static_cast<uint64_t>(i)))));
+}
+
+template <typename E, int BITS, bool STOCH>
+__global__ void __launch_bounds__(kThreads) compress_private_kernel(
+    const typename E::storage* __restrict__ x, int64_t numel, int64_t gs, const float* __restrict__ factors,
+    int64_t row_len, double sigma, uint64_t nseed, uint8_t* __restrict__ packet, int64_t codes_off, uint64_t seed,
+    HeaderArg header, int* nonfinite) {
+  constexpr int QMAX = (1 << (BITS - 1)) - 1;
+  constexpr int OFF = 1 << (BITS - 1);
+  constexpr int PER_BYTE = 8 / BITS;
+  __shared__ float v[kMaxGroupSize];
+  __shared__ uint32_t group_max;
+  const int64_t ng = gridDim.x;
+  write_header(packet, header, kHeaderBytes + 4 * ng, static_cast<int>(codes_off - kHeaderBytes - 4 * ng));
+  if (threadIdx.x == 0) group_max = 0;
+  __syncthreads();
+  const int64_t g = blockIdx.x;
+  const int64_t base = g * gs;
+  uint32_t amax = 0;
+  for (int64_t j = threadIdx.x; j < gs; j += blockDim.x) {
+    float f = 0.0f;
+    if (base + j < numel) f = private_value_dev(E::load(x[base + j]), base + j, factors, row_len, sigma, nseed);
+    v[j] = f;
+    amax = max(amax, __float_as_uint(f) & 0x7fffffffU);
+  }
+  atomicMax(&group_max, amax);
+  __syncthreads();
+  amax = group_max;
+  float* scales = reinterpret_cast<float*>(packet + kHeaderBytes);
+  const int64_t gbytes = gs * BITS / 8;
+  uint8_t* codes = packet + codes_off + g * gbytes;
+  if (amax >= kNonFiniteAbsBits) {
+    if (threadIdx.x == 0) {
+      scales[g] = __uint_as_float(0x7fc00000U);
+      *reinterpret_cast<volatile int*>(nonfinite) = 1;
+    }
+    for (int64_t k = threadIdx.x; k < gbytes; k += blockDim.x) codes[k] = 0;
+    return;
+  }
+  const float scale = __fdiv_rn(__uint_as_float(amax), static_cast<float>(QMAX));
+  if (threadIdx.x == 0) scales[g] = scale;
+  for (int64_t k = threadIdx.x; k < gbytes; k += blockDim.x) {
+    uint32_t b = 0;
+#pragma unroll
+    for (int i = 0; i < PER_BYTE; ++i) {
+      const int64_t j = k * PER_BYTE + i;
+      uint32_t c = 0;  // padding of the last group
+      if (base + j < numel) {
+        int q = 0;
+        if (scale != 0.0f) {
+          const float t = __fdiv_rn(v[j], scale);
+          if constexpr (STOCH) {
+            const float fl = floorf(t);
+            q = static_cast<int>(fl) + (sr_uniform(seed, static_cast<uint64_t>(base + j)) < __fsub_rn(t, fl) ? 1 : 0);
+          } else {
+            q = static_cast<int>(rintf(t));
+          }
+          q = min(max(q, -QMAX), QMAX);
+        }
+        c = static_cast<uint32_t>(q + OFF);
+      }
+      b |= c << (i * BITS);
+    }
+    codes[k] = static_cast<uint8_t>(b);
+  }
+}
+
+template <typename E>
+__global__ void __launch_bounds__(kThreads) encode_bf16_private_kernel(
+    const typename E::storage* __restrict__ x, int64_t numel, const float* __restrict__ factors, int64_t row_len,
+    double sigma, uint64_t nseed, uint8_t* __restrict__ packet, HeaderArg header, int* nonfinite) {
+  write_header(packet, header, kHeaderBytes, 0);
+  uint16_t* out = reinterpret_cast<uint16_t*>(packet + kHeaderBytes);
+  bool bad = false;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    const uint16_t h = f32_to_bf16(private_value_dev(E::load(x[i]), i, factors, row_len, sigma, nseed));
+    out[i] = h;
+    bad |= (h & 0x7fffU) >= 0x7f80U;
+  }
+  if (bad) *reinterpret_cast<volatile int*>(nonfinite) = 1;
+}
+
+std::tuple<at::Tensor, at::Tensor> compress_private_cuda(const at::Tensor& x_in, const at::Tensor& factors_in,
+                                                         c10::IntArrayRef header, int64_t bits, int64_t group_size,
+                                                         bool stochastic, int64_t seed, double sigma,
+                                                         int64_t noise_seed) {
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t row_len = check_private_args(x_in, factors_in, sigma);
+  if (x_in.numel() == 0) return compress_cuda(x_in, header, bits, group_size, stochastic, seed);
+  HeaderArg h;
+  at::Tensor packet;
+  const at::Tensor x = prepare_compress(x_in, header, bits, group_size, stochastic, h, packet);
+  const at::Tensor factors = factors_in.contiguous();
+  at::Tensor flag = at::empty({1}, x.options().dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr<int>(), 0, sizeof(int), stream));
+  const int64_t numel = x.numel();
+  const uint64_t ns = static_cast<uint64_t>(noise_seed);
+  const float* fp = factors.data_ptr<float>();
+  uint8_t* p = packet.data_ptr<uint8_t>();
+  int* f = flag.data_ptr<int>();
+  dispatch_dtype<F32, F16, BF16>(x.scalar_type(), [&](auto e) {
+    using E = decltype(e);
+    const auto* xp = static_cast<const typename E::storage*>(x.data_ptr());
+    if (bits == 16) {
+      const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 65536);
+      encode_bf16_private_kernel<E><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+          xp, numel, fp, row_len, sigma, ns, p, h, f);
+      return;
+    }
+    const int64_t ng = num_groups(numel, group_size);
+    TORCH_CHECK(ng < (int64_t{1} << 31), "splitlora::compress_private: tensor too large for one launch");
+    const int64_t codes_off = kHeaderBytes + scale_bytes(numel, group_size, static_cast<int>(bits));
+    const uint64_t s = stochastic ? static_cast<uint64_t>(seed) : 0;
+    dispatch_bits(bits, [&](auto bits_c) {
+      constexpr int B = decltype(bits_c)::value;
+      if (stochastic)
+        compress_private_kernel<E, B, true><<<static_cast<unsigned int>(ng), kThreads, 0, stream>>>(
+            xp, numel, group_size, fp, row_len, sigma, ns, p, codes_off, s, h, f);
+      else
+        compress_private_kernel<E, B, false><<<static_cast<unsigned int>(ng), kThreads, 0, stream>>>(
+            xp, numel, group_size, fp, row_len, sigma, ns, p, codes_off, s, h, f);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {packet, flag};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(splitlora, CUDA, m) {
   m.impl("compress", &compress_cuda);
+  m.impl("compress_private", &compress_private_cuda);
   m.impl("decompress", &decompress_cuda);
   m.impl("_compress_sync", &compress_sync_cuda);
   m.impl("_decompress_sync", &decompress_sync_cuda);

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -25,6 +26,19 @@ inline void check_compress_args(c10::IntArrayRef header, int64_t bits, int64_t g
     TORCH_CHECK(header[i] >= 0 && header[i] <= 255, "splitlora::compress: header values must be bytes");
     header_bytes[i] = static_cast<uint8_t>(header[i]);
   }
+}
+
+// Checks the extra arguments of splitlora::compress_private and returns the elements per row of
+// the factors (numel / rows); the Python face (splitlora.codec) validates them first.
+inline int64_t check_private_args(const at::Tensor& x, const at::Tensor& factors, double sigma) {
+  TORCH_CHECK(factors.dim() == 1 && factors.scalar_type() == at::kFloat && factors.device() == x.device(),
+              "splitlora::compress_private: factors must be a 1-D float32 tensor on x's device");
+  TORCH_CHECK(std::isfinite(sigma) && sigma >= 0.0, "splitlora::compress_private: sigma must be finite and >= 0");
+  const int64_t rows = factors.numel();
+  const int64_t numel = x.numel();
+  TORCH_CHECK(rows > 0 ? numel % rows == 0 : numel == 0,
+              "splitlora::compress_private: the number of factors must divide x's element count");
+  return rows > 0 && numel > 0 ? numel / rows : 1;
 }
 
 // Checks the arguments of splitlora::decompress, above all that the packet holds exactly the bytes

@@ -42,6 +42,23 @@ _lib.define(
 )
 
 
+# The private compress (splitlora.codec.compress with clip=...): what compress does, after each
+# element of row r (of factors.numel() equal rows) is multiplied by factors[r] and the counter-hash
+# Gaussian of std sigma is added, or set to 0 where factors[r] == 0; see csrc/codec.h. The
+# factors are computed in torch (splitlora.privacy.clip_factors) for every backend, so all of
+# them clip with the same float32 numbers.
+_lib.define(
+    "compress_private(Tensor x, Tensor factors, int[] header, int bits, int group_size, bool stochastic,"
+    " int seed, float sigma, int noise_seed) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::compress_private")
+def _compress_private_fake(x, factors, header, bits, group_size, stochastic, seed, sigma, noise_seed):
+    size = _ref.packet_bytes(x.numel(), group_size, bits)
+    return x.new_empty((size,), dtype=torch.uint8), x.new_empty((1,), dtype=torch.int32)
+
+
 @torch.library.register_fake(f"{NAMESPACE}::compress")
 def _compress_fake(x, header, bits, group_size, stochastic, seed):
     size = _ref.packet_bytes(x.numel(), group_size, bits)
@@ -75,12 +92,14 @@ _lib.define("_packet_header(Tensor packet) -> Tensor")
 # extension wins over it on its own device.
 _lib.impl("compress", _ref.compress_kernel, "CompositeExplicitAutograd")
 _lib.impl("decompress", _ref.decompress_kernel, "CompositeExplicitAutograd")
+_lib.impl("compress_private", _ref.compress_private_kernel, "CompositeExplicitAutograd")
 
 # Loading the extension registers its CPU/CUDA kernels; None (with one warning) when not built.
 EXTENSION = _ext.load()
 
 compress = torch.ops.splitlora.compress.default
 decompress = torch.ops.splitlora.decompress.default
+compress_private = torch.ops.splitlora.compress_private.default
 compress_sync = torch.ops.splitlora._compress_sync.default
 decompress_sync = torch.ops.splitlora._decompress_sync.default
 packet_header = torch.ops.splitlora._packet_header.default

@@ -11,7 +11,7 @@ import copy
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -188,7 +188,8 @@ def lora_plan(segment: nn.Module) -> Dict[str, Tuple[int, float, float, bool]]:
 
 
 def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str, tuple]],
-                              state: Mapping[str, torch.Tensor], device=None) -> nn.Module:
+                              state: Mapping[str, torch.Tensor], device=None,
+                              prepare: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """A copy of the unsplit model with LoRA where the segments had it, loaded with `state`
     (whole-model names), on `device` (default: where `base_model` is): what export writes in
     PEFT format, what the final evaluation generates with, and what centralized LoRA trains.
@@ -197,7 +198,8 @@ def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str
     On base_model's own device the copy shares its frozen weights (the trainer freezes it): the
     adapters are new, but a 7B model's weights are not held twice. On another device (the
     trainer keeps the base model in host memory, see trainer.build) each weight is copied
-    straight to `device`, never to a second host copy; base_model is left where it was."""
+    straight to `device`, never to a second host copy; base_model is left where it was.
+    `prepare` changes the copy's base layers before the adapters go on (the trainer's 4-bit base)."""
     # A concrete device ("cuda" becomes "cuda:<current>"), comparable with a parameter's.
     target = torch.empty(0, device=device).device if device is not None else None
     if target is None or all(p.device == target for p in base_model.parameters()):
@@ -207,6 +209,8 @@ def whole_model_with_adapters(base_model: nn.Module, plans: Iterable[Mapping[str
                 for p in base_model.parameters()}
         memo.update({id(b): b.to(target) for b in base_model.buffers()})
         model = copy.deepcopy(base_model, memo)
+    if prepare is not None:
+        prepare(model)
     groups: Dict[tuple, List[str]] = {}
     for plan in plans:
         for name, (r, alpha, dropout, rslora) in plan.items():

@@ -8,6 +8,10 @@
                                                      each run in RUN_DIR: splitlora eval runs/demo)
     splitlora export RUN_DIR OUT_DIR                 the run's adapters in PEFT format
     splitlora codec-demo                             the codec alone on a small model's smashed data
+    splitlora certs DIR --clients a,b,c              a federation's CA and certificates
+    splitlora server --config FILE --certs DIR       a federation's server (README, "A real federation")
+    splitlora client --config FILE --server HOST:PORT --name NAME --certs DIR --data FILE
+                                                     one client of a federation, with its own data
 """
 from __future__ import annotations
 
@@ -266,6 +270,50 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_server(args: argparse.Namespace) -> int:
+    from splitlora.config import load_config
+    from splitlora.federation.server import run_server as serve
+
+    _check_security(args)
+    cfg = load_config(args.config, args.overrides)
+    summary = serve(cfg, listen=args.listen, certs_dir=args.certs, insecure=args.insecure,
+                    progress=not args.no_progress)
+    print()
+    print(_summary_table([(f"{cfg.strategy} (federation)", summary)]))
+    print(f"\nrun folder: {cfg.output_dir} (config.yaml, metrics.jsonl, summary.json, loss.png, adapter/)")
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from splitlora.config import load_config
+    from splitlora.federation.client import run_client as join
+
+    _check_security(args)
+    cfg = load_config(args.config, args.overrides)
+    return join(cfg, server=args.server, name=args.name, certs_dir=args.certs, insecure=args.insecure,
+                data=args.data, output_dir=args.output_dir)
+
+
+def _check_security(args: argparse.Namespace) -> None:
+    if args.insecure and args.certs:
+        raise ValueError("--insecure turns TLS off and --certs turns it on; give one of them")
+    if not args.insecure and not args.certs:
+        raise ValueError("give --certs DIR (made by `splitlora certs DIR --clients ...`); --insecure turns TLS off, "
+                         "for loopback tests only")
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    from splitlora.federation.certs import create_certs
+
+    written = create_certs(args.dir, [args.clients] if args.clients else [], hosts=[args.hosts] if args.hosts else [],
+                           days=args.days)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"keep {args.dir}/ca.key off the server and clients; give the server ca.crt, server.crt and server.key, "
+          f"and each client ca.crt and its own client-<name>.crt and client-<name>.key")
+    return 0
+
+
 # One line per section of the config (splitlora.config.RunConfig), for `splitlora train --help`.
 _SECTIONS = {
     "model": "name, path (+ gguf_file) or config (transformers, random weights); dtype, cut_layer",
@@ -277,6 +325,8 @@ _SECTIONS = {
     "eval": "held-out evaluation: generate, max_new_tokens, num_beams, max_sources, batch_size",
     "fedcybgd": "strategy fedcybgd: block order and size, downloads (configs/fedcybgd.yaml)",
     "hsplitlora": "strategy hsplitlora: devices, cut and rank ranges (configs/hsplitlora.yaml)",
+    "federation": "splitlora server / client: listen, min_clients, step_timeout_s, wait_s, max_packet_bytes, ...",
+    "privacy": "DP: clip + noise_multiplier (or epsilon) at the cut, adapter_clip, delta (README, Privacy)",
 }
 def _train_epilog() -> str:
     import dataclasses
@@ -336,6 +386,45 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
     ex.set_defaults(handler=run_export, subparser=ex, takes_overrides=False)
+
+    sv = sub.add_parser("server", help="run a federation's server (clients join with `splitlora client`)",
+                        usage="splitlora server [-h] --config FILE [--listen HOST:PORT] (--certs DIR | --insecure) "
+                              "[--no-progress] [key=value ...]",
+                        description="Listens for the federation's clients (mutual TLS) and trains: the server "
+                                    "segment, aggregation, schedule, checkpoints and run folder. It never reads "
+                                    "the clients' training data (it evaluates on data.eval_path).")
+    sv.add_argument("--config", required=True, metavar="FILE", help="the run's YAML config (the clients use the same)")
+    sv.add_argument("--listen", default=None, metavar="HOST:PORT", help="default: federation.listen (loopback)")
+    sv.add_argument("--certs", default=None, metavar="DIR", help="ca.crt, server.crt and server.key")
+    sv.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only; prints a warning)")
+    sv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sv.set_defaults(handler=run_server, subparser=sv, takes_overrides=True)
+
+    cl = sub.add_parser("client", help="join a federation as one client, with your own data",
+                        usage="splitlora client [-h] --config FILE --server HOST:PORT --name NAME "
+                              "(--certs DIR | --insecure) [--data FILE] [--output-dir DIR] [key=value ...]",
+                        description="Connects to the server, loads the client segment only and trains on FILE; "
+                                    "the data never leaves this program.")
+    cl.add_argument("--config", required=True, metavar="FILE", help="the run's YAML config (the server's)")
+    cl.add_argument("--server", required=True, metavar="HOST:PORT")
+    cl.add_argument("--name", required=True, help="this client's name (with --certs, the CN of its certificate)")
+    cl.add_argument("--certs", default=None, metavar="DIR", help="ca.crt and client-NAME.crt/.key")
+    cl.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only; prints a warning)")
+    cl.add_argument("--data", default=None, metavar="FILE", help="this client's training data (default: "
+                                                                 "data.train_path)")
+    cl.add_argument("--output-dir", default=None, metavar="DIR",
+                    help="this client's checkpoints (default: OUTPUT_DIR-NAME beside the config's output_dir)")
+    cl.set_defaults(handler=run_client, subparser=cl, takes_overrides=True)
+
+    ce = sub.add_parser("certs", help="create a federation's CA and the server's and clients' certificates",
+                        description="Writes ca.crt/ca.key, server.crt/server.key and client-<name>.crt/.key into DIR "
+                                    "(an existing CA there is reused; existing files are never overwritten).")
+    ce.add_argument("dir", metavar="DIR")
+    ce.add_argument("--clients", default="", help="client names, comma-separated (each becomes its certificate's CN)")
+    ce.add_argument("--hosts", default="", help="extra names or addresses the server is reached at, comma-separated "
+                                                "(localhost, 127.0.0.1 and ::1 are always in)")
+    ce.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    ce.set_defaults(handler=run_certs, subparser=ce, takes_overrides=False)
 
     codec_demo = sub.add_parser("codec-demo", help="compress a small model's smashed data at every bit width")
     codec_demo.add_argument("--batch", type=int, default=8)

@@ -282,7 +282,24 @@ def _draw_seed(generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
 
-def _compress(x, bits, group_size, stochastic, generator, *, wire_dtype=None, kernel=None):
+def _private_args(x, clip, noise_multiplier, mask, noise_generator):
+    """(factors, sigma, noise_seed) of the private compress, or None without clip."""
+    if clip is None:
+        if noise_multiplier or mask is not None or noise_generator is not None:
+            raise ValueError("compress: noise_multiplier, mask and noise_generator need clip (the per-example L2 "
+                             "bound the noise is scaled to); pass clip=... or leave them out")
+        return None
+    # Imported here: splitlora.privacy builds on this module's reference, not the other way round.
+    from .privacy.clip import check_clip_args, clip_factors
+    from .privacy.noise import draw_seed
+
+    check_clip_args(clip, noise_multiplier)
+    if x.dim() < 1:
+        raise ValueError("compress: clip needs x with a leading batch dimension (one example per leading index)")
+    return clip_factors(x, float(clip), mask), float(noise_multiplier) * float(clip), draw_seed(noise_generator)
+
+
+def _compress(x, bits, group_size, stochastic, generator, *, wire_dtype=None, kernel=None, private=None):
     _check_input(x)
     _check_bits(bits)
     _check_group_size(group_size)
@@ -291,7 +308,15 @@ def _compress(x, bits, group_size, stochastic, generator, *, wire_dtype=None, ke
     seed = _draw_seed(generator) if stochastic else 0
     wire_dtype = x.dtype if wire_dtype is None else wire_dtype
     stochastic = bool(stochastic)
-    if kernel is None and _eager_cuda(x):
+    if private is not None:
+        # One op: clip, noise and quantize in one pass over x (csrc/codec.h); its flag is read
+        # back with .item() (no _sync variant: the factors' reduction already synchronised).
+        factors, sigma, noise_seed = private
+        header = list(_build_header(wire_dtype, tuple(x.shape), bits, group_size, stochastic))
+        packet, flag = _ops.compress_private(x.detach(), factors, header, bits, group_size, stochastic, seed,
+                                             sigma, noise_seed)
+        nonfinite = x.numel() and flag.item()
+    elif kernel is None and _eager_cuda(x):
         # One call: kernel, one stream sync, the non-finite flag as a host int.
         header = _header_hex(wire_dtype, tuple(x.shape), bits, group_size, stochastic)
         packet, nonfinite = _ops.compress_sync(x.detach(), header, bits, group_size, stochastic, seed)
@@ -326,6 +351,10 @@ def compress(
     *,
     stochastic: bool = False,
     generator: torch.Generator | None = None,
+    clip: float | None = None,
+    noise_multiplier: float = 0.0,
+    mask: torch.Tensor | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Quantizes and packs ``x`` (float32, float16 or bfloat16, any shape) into a uint8 packet.
 
@@ -335,10 +364,19 @@ def compress(
         from a counter hash seeded by one ``torch.randint`` draw from ``generator`` (or torch's
         default CPU generator), so a seeded generator gives the same packet on every backend.
 
+    clip: differential privacy at the cut, fused into the same pass: each example (leading index
+        of x) is scaled to L2 norm <= clip over its real elements (``mask``, shape x.shape[:k],
+        0 = padding, zeroed), then N(0, (noise_multiplier * clip)^2) is added to the real
+        elements before quantization; the noise seed is one draw from ``noise_generator`` (None:
+        the OS CSPRNG). Exactly ``splitlora.privacy.clip_and_noise`` followed by compress of its
+        float32 result; the packet is an ordinary one.
+
     Raises ValueError for non-finite input, unsupported dtypes, bits or group sizes.
     Non-contiguous inputs give the packet of their contiguous copy.
     """
-    return _compress(x, bits, group_size, stochastic, generator)
+    _check_input(x)
+    private = _private_args(x, clip, noise_multiplier, mask, noise_generator)
+    return _compress(x, bits, group_size, stochastic, generator, private=private)
 
 
 def _decode(packet, info: PacketInfo, kernel=None):

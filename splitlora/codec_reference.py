@@ -164,6 +164,42 @@ def compress_kernel(x, header, bits, group_size, stochastic, seed):
     return packet, torch.full((1,), int(bad), dtype=torch.int32, device=device)
 
 
+def private_values(x, factors, sigma, noise_seed):
+    """float32 copy of x, clipped by its row's factor with the hash Gaussian added (0 on rows whose
+    factor is 0): the first step of ``splitlora::compress_private`` (csrc/codec.h)."""
+    rows = factors.numel()
+    xf = x.detach().reshape(rows, -1).to(torch.float32)
+    f = factors.to(device=x.device, dtype=torch.float32)[:, None]
+    y = xf * f
+    if sigma > 0:
+        y = y + gaussian(x.numel(), noise_seed, sigma, x.device).view(rows, -1)
+    y = torch.where(f != 0, y, torch.zeros_like(y))
+    return y.reshape(x.shape)
+
+
+def gaussian(numel, seed, sigma, device=None):
+    """float32[numel]: float32(sigma * Box-Muller of two counter hashes per element), computed in
+    float64 (the hash_gaussian of csrc/codec.h)."""
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    u1 = (sr_hash(2 * idx, seed).to(torch.float64) + 1.0) * (2.0**-32)
+    u2 = sr_hash(2 * idx + 1, seed).to(torch.float64) * (2.0**-32)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return (float(sigma) * z).to(torch.float32)
+
+
+def compress_private_kernel(x, factors, header, bits, group_size, stochastic, seed, sigma, noise_seed):
+    """Plain-torch ``splitlora::compress_private``: compress of the clipped, noised float32 values
+    under x's header (the packet decodes to x's dtype)."""
+    if x.dtype not in DTYPE_CODES:
+        raise ValueError(f"splitlora::compress_private: x must be float32, float16 or bfloat16, got {x.dtype}")
+    rows = factors.numel()
+    if factors.dim() != 1 or factors.dtype != torch.float32 or (x.numel() % rows if rows else x.numel()):
+        raise ValueError("splitlora::compress_private: factors must be 1-D float32 and their number must divide "
+                         "x's element count")
+    y = private_values(x, factors, float(sigma), int(noise_seed)) if x.numel() else x.detach().to(torch.float32)
+    return compress_kernel(y, header, bits, group_size, stochastic, seed)
+
+
 def decompress_kernel(packet, dtype, shape, bits, group_size):
     """Plain-torch ``splitlora::decompress``: returns (tensor, bad_scales int32[1])."""
     shape = [int(d) for d in shape]

@@ -133,6 +133,13 @@ class ModelConfig:
     dtype: str = "float32"
     cut_layer: int = 2
     server_end: int | None = None
+    # A frozen 4-bit base (bitsandbytes nf4 or fp4, as QLoRA) for the linear layers of one side
+    # (quantize_side: client, the weak party this is for; server; or both); null: none.
+    quantize: str | None = None
+    quantize_side: str = "client"
+    # The client's input embedding in 4 bits too (QLoRA keeps it in model.dtype; in a small model
+    # with a large vocabulary, e.g. Llama-3.2-1B's 128k tokens, it is most of the client's weights).
+    quantize_embeddings: bool = False
 
     def __post_init__(self):
         # The demo model is the default source and gives way to a name or a path (module docstring).
@@ -313,6 +320,44 @@ class HSplitLoRAConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy of the clients' data (README, "Privacy"; checks in splitlora.privacy.settings).
+    Two keys turn it on: clip and noise_multiplier (or epsilon, which sets the noise)."""
+
+    clip: float | None = None  # L2 bound of one example's activations at the cut; null: off
+    noise_multiplier: float | None = None  # noise std / clip
+    epsilon: float | None = None  # target epsilon for the whole run: sets noise_multiplier
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp or prv (Opacus)
+    protect_gradients: bool = False  # u_shape: clip + noise the gradient the client sends up too
+    adapter_clip: float | None = None  # L2 bound of a client's adapter update per round; null: off
+    adapter_noise_multiplier: float | None = None
+    seed: int | None = None  # null: the OS CSPRNG seeds the noise (set only for tests)
+
+
+@dataclass
+class FederationConfig:
+    """`splitlora server` and `splitlora client`: separate programs over gRPC with mutual TLS
+    (README, "Federation"; checks in splitlora.federation.settings). Ignored by `splitlora train`."""
+
+    listen: str = "127.0.0.1:50051"  # the server's HOST:PORT (--listen overrides); loopback by default
+    # Rounds start with this many clients connected, and the run ends when fewer remain for
+    # wait_s (plain splitlora; the other strategies need all); null: train.clients.
+    min_clients: int | None = None
+    # The first round waits for this many (null: min_clients): e.g. start with every client, then
+    # go on with fewer. The others join at a later round's start.
+    start_clients: int | None = None
+    # Which clients train in a round (a seeded sample of those available; also under
+    # transport=local): a count, a fraction in (0, 1] of them, or null: all.
+    clients_per_round: int | float | None = None
+    step_timeout_s: float = 60.0  # the longest the server waits for a client's packet (and a client for the server's)
+    wait_s: float = 300.0  # the longest the server waits for min_clients to connect
+    max_packet_bytes: int = 4 * 2**30  # a packet announced larger than this is refused before allocation
+    chunk_bytes: int = 2**20  # the payload of one gRPC message (a packet crosses as several)
+    keepalive_s: float = 20.0  # gRPC keepalive ping interval: a silently vanished peer is noticed
+
+
+@dataclass
 class RunConfig:
     strategy: str = "splitlora"
     seed: int = 0
@@ -333,6 +378,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     fedcybgd: FedCyBGDConfig = field(default_factory=FedCyBGDConfig)
     hsplitlora: HSplitLoRAConfig = field(default_factory=HSplitLoRAConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,8 +484,12 @@ def _convert(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        result = _convert(value, inner, key, [])
+        # The first type that takes the value (int before float: 2 is a count, 0.5 a fraction).
+        result = _MISSING
+        for inner in (a for a in args if a is not type(None)):
+            result = _convert(value, inner, key, [])
+            if result is not _MISSING:
+                break
         if result is _MISSING:
             errors.append(f"{key}: expected {_expected(hint)}, got {_describe(value)}")
         return result
@@ -562,6 +613,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         elif isinstance(m.cut_layer, int) and m.server_end <= m.cut_layer:
             errors.append(f"model.server_end: must be > model.cut_layer ({m.cut_layer}) so the server "
                           f"holds at least one layer, got {m.server_end}")
+    from .quantize import check_quantize_config
+
+    check_quantize_config(m.quantize, m.quantize_side, m.quantize_embeddings, cfg.strategy, errors)
 
     d = cfg.data
     one_of("data.source", d.source, DATA_SOURCES)
@@ -665,6 +719,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                       f"{MAX_GROUP_SIZE} (16, 32, 64, ...), got {fc.download_group_size}")
 
     _validate_hsplitlora(cfg, errors)
+    from .federation.settings import check_federation_config
+
+    check_federation_config(cfg.federation, errors, clients=cfg.train.clients, strategy=cfg.strategy)
+    from .privacy.settings import check_privacy_config
+
+    check_privacy_config(cfg, errors)
 
     if errors:
         raise ConfigError(errors)

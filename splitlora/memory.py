@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .quantize import quantization_state_bytes
+
 
 def _storage_key(t: torch.Tensor):
     storage = t.untyped_storage()
@@ -98,6 +100,7 @@ def side_memory(modules: Iterable[torch.nn.Module], optimizer: Optional[torch.op
     activations its forward saved for the backward (measured, `ActivationPeaks`; None when this
     process did not run that party's forward). `total_bytes` adds them up (None without the
     activations)."""
+    modules = list(modules)
     storages, grads = {}, 0
     for module in modules:
         for p in module.parameters():
@@ -109,7 +112,8 @@ def side_memory(modules: Iterable[torch.nn.Module], optimizer: Optional[torch.op
     if optimizer is not None:
         state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor))
-    weights = sum(storages.values())
+    # A 4-bit weight's block scales live outside its parameter (splitlora.quantize).
+    weights = sum(storages.values()) + quantization_state_bytes(modules)
     total = None if activation_bytes is None else weights + grads + state + activation_bytes
     return {"weights_bytes": weights, "gradient_bytes": grads, "optimizer_bytes": state,
             "activation_bytes": activation_bytes, "total_bytes": total}

@@ -101,9 +101,14 @@ def segments_on_device(client, server, tail, role: Optional[str]) -> list:
     return [s for s in (client, server, tail) if s is not None]
 
 
-def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None) -> Built:
+def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None, transport=None,
+          federation=None) -> Built:
     """Data, tokenizer, model, split, adapters, partition and loaders: identical for every
-    strategy given the same config and seed."""
+    strategy given the same config and seed.
+
+    `transport`: this process's (already connected) transport instead of one made from the config;
+    `federation`: one party of a federation (splitlora.federation.data), which reads its own data
+    only: a client its file, the server no training data at all."""
     from .data import ClientLoader, HFTokenizer, WordTokenizer, load_tokenizer, partition
     from .data.loading import load_records
     from .data.records import SkipCounter, encode_records, generation_items, record_texts
@@ -116,7 +121,8 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     device = resolve_device(cfg.device)
     d = cfg.data
     check_input_paths(cfg)  # a missing model folder or tokenizer: one line naming the key, before any work
-    records = load_records(d, clients=cfg.train.clients, seed=cfg.seed)
+    records = (federation.records(d, cfg.seed) if federation is not None
+               else load_records(d, clients=cfg.train.clients, seed=cfg.seed))
     for line in records.notes:
         log(line)
 
@@ -180,7 +186,9 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     eval_items, stop_ids = generation_items(eval_records, tokenizer, chat_template=d.chat_template)
 
     n = cfg.train.clients
-    if records.shards is not None:
+    if federation is not None:
+        shards = None  # the party's own loaders, below
+    elif records.shards is not None:
         # Natural partitions: each client keeps its own records (those that survived encoding).
         position = {record_index: row for row, record_index in enumerate(train_kept)}
         shards = [[position[i] for i in shard if i in position] for shard in records.shards]
@@ -193,7 +201,9 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
     else:
         shards = partition([r.group for r in train_records], n, d.partition, d.dirichlet_alpha, cfg.seed)
     trim = d.pad_to == "batch"
-    if d.packing:
+    if federation is not None:
+        shards, loaders, seq_len = federation.loaders(train_data, cfg, trim)
+    elif d.packing:
         from .data.packing import pack_client_datasets
 
         # Several whole examples per row (one client's only), attention kept within each example;
@@ -221,6 +231,7 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
         ls = dataclasses.replace(ls, target_modules=existing_targets(segments, ls.target_modules))
     check_targets_exist(segments, lc.target_modules, "lora.client.target_modules")
     check_targets_exist(segments, ls.target_modules, "lora.server.target_modules")
+    quantized = _quantize_sides(cfg, client, server, tail, device, role, log)
     # Adapters' initial values are seeded per module: the same for every strategy and cut.
     client_spec = LoraSpec(lc.r, lc.alpha, lc.dropout, lc.rslora, cfg.lora.adapter_dtype)
     add_lora(client, lc.target_modules, client_spec, seed=cfg.seed)
@@ -242,12 +253,35 @@ def build(cfg, *, log: Callable[[str], None] = print, role: Optional[str] = None
         cfg=cfg, device=device, base_model=None if client_process else model, client=client, server=server,
         tail=tail, loaders=loaders, client_weights=[float(len(s)) for s in shards], seq_len=seq_len,
         num_layers=num_layers, hidden_size=model.config.hidden_size,
-        transport=make_transport(cfg.transport if role is not None else "local", timeout_s=net.timeout_s),
+        transport=transport if transport is not None else make_transport(cfg.transport if role is not None else "local",
+                                                                          timeout_s=net.timeout_s),
         time_model=TimeModel(net.client_tflops, net.server_tflops, net.bandwidth_mbps, net.latency_ms),
-        role=role,
+        role=role, quantized_modules=quantized,
     )
     return Built(cfg, device, tokenizer, train_records, eval_records, train_data, eval_data, setup,
                  eval_items, stop_ids)
+
+
+def _quantize_sides(cfg, client, server, tail, device, role: Optional[str], log) -> List[str]:
+    """model.quantize: the linear layers of the chosen side's segments (those this process holds)
+    become 4-bit, before their adapters go on. Returns their whole-model names, with which the
+    evaluation's whole model is quantized the same way (_generation_model)."""
+    if cfg.model.quantize is None:
+        return []
+    from .quantize import quantize_segment, sides_quantized, whole_model_names
+
+    held = segments_on_device(client, server, tail, role)
+    chosen = {"client": [client, tail], "server": [server]}
+    names = []
+    for side in sides_quantized(cfg.model.quantize_side):
+        for segment in chosen[side]:
+            if segment is not None and segment in held:
+                names += whole_model_names(segment, quantize_segment(segment, cfg.model.quantize, device,
+                                                                     embeddings=cfg.model.quantize_embeddings))
+    kept = "norms and the LM head" if cfg.model.quantize_embeddings else "embeddings, norms and the LM head"
+    log(f"model: {len(names)} layers of the {cfg.model.quantize_side} side held in 4 bits "
+        f"({cfg.model.quantize}, bitsandbytes); {kept} stay in {cfg.model.dtype}")
+    return names
 
 
 class MetricsLog:
@@ -336,7 +370,18 @@ def _generation_model(strategy, built: Built):
     if not getattr(strategy, "exact_export", False):
         return None
     plans, state = strategy.export_state()
-    return whole_model_with_adapters(built.setup.base_model, plans, state, device=built.device).eval()
+    quantized = built.setup.quantized_modules
+    if quantized:
+        # The segments trained on a 4-bit base: the whole model generates on the same one
+        # (quantization is deterministic, so these layers equal the segments').
+        from .quantize import quantize_modules
+
+        def prepare(model):
+            quantize_modules(model, quantized, built.cfg.model.quantize, built.device)
+    else:
+        prepare = None
+    return whole_model_with_adapters(built.setup.base_model, plans, state, device=built.device,
+                                     prepare=prepare).eval()
 
 
 def _state(strategy, built: Built, step: int, totals: dict) -> dict:
@@ -511,7 +556,8 @@ def _resume_refused(out: Path, problems: List[str]) -> config_mod.ConfigError:
     return err
 
 
-def _resume_point(cfg, role, out: Path, ckpt_dir: Path, log: Callable[[str], None]) -> Optional[Path]:
+def _resume_point(cfg, role, out: Path, ckpt_dir: Path, log: Callable[[str], None],
+                  agree: Optional[Callable[[int], int]] = None) -> Optional[Path]:
     """The checkpoint a resume=true run continues from: the newest that verifies
     (checkpoint.find_checkpoint; the skipped ones are printed), None when there is none at all.
     Raises when checkpoints exist but none verifies, and (ConfigError) when this config may not
@@ -536,7 +582,9 @@ def _resume_point(cfg, role, out: Path, ckpt_dir: Path, log: Callable[[str], Non
             raise
         refusal = err
     if role is not None:
-        common = _agree_on_resume_step(-1 if refusal is not None else step)
+        # agree: how the parties find the newest step they all have (a federation's own exchange;
+        # by default a torch.distributed collective).
+        common = (agree or _agree_on_resume_step)(-1 if refusal is not None else step)
         if refusal is not None:
             raise refusal
         if common < 0:
@@ -679,7 +727,10 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
 
 
 def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
-           interrupts: Optional["_Interrupts"] = None) -> dict:
+           interrupts: Optional["_Interrupts"] = None, transport=None, federation=None,
+           agree_resume: Optional[Callable[[int], int]] = None) -> dict:
+    """One process's part of a run (`train`). `transport` and `federation`: a federation party's
+    connected transport and its own data (splitlora.federation.server / client), see `build`."""
     from tqdm.auto import tqdm
 
     from .strategies import make_strategy
@@ -698,11 +749,11 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
     interrupts.ckpt_dir = ckpt_dir
     # Which checkpoint to continue from, decided (and under transport=dist agreed by every rank)
     # before the run folder's config.yaml is replaced: a refused resume changes nothing on disk.
-    found = _resume_point(cfg, role, out, ckpt_dir, log) if cfg.resume else None
+    found = _resume_point(cfg, role, out, ckpt_dir, log, agree_resume) if cfg.resume else None
     interrupts.checkpoint = checkpoint_step(found) if found is not None else None
     if is_server:
         config_mod.dump_config(cfg, out / "config.yaml")
-    built = build(cfg, log=log, role=role)
+    built = build(cfg, log=log, role=role, transport=transport, federation=federation)
     setup = built.setup
     strategy = make_strategy(setup)
     # Models load in eval mode; training runs in train mode (LoRA dropout on).
@@ -724,6 +775,12 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
             log(f"resuming {cfg.strategy} from {found} (step {start} of {t.steps})")
         else:
             log(f"resume: no checkpoint in {ckpt_dir}; starting from step 0")
+    join_at = getattr(federation, "start_step", None)
+    if join_at:
+        # A client joining a running federation (splitlora.federation): it starts at the round the
+        # server admits it to, with the global adapters, which come with that round's first message.
+        start = int(join_at)
+        log(f"joining the running federation at step {start} of {t.steps}")
     if start == 0 and is_server:
         metrics.path.unlink(missing_ok=True)
     if built.device.type == "cuda":
@@ -792,6 +849,9 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
                                                      for k in ("activations", "gradients", "labels", "adapters")}
                                                  for d in ("up", "down")}
                                   for c in range(len(setup.loaders))},
+                        # The round's clients (federation.clients_per_round, or a federation's sample).
+                        **({"clients": [f"client{c}" for c in strategy.round_clients]}
+                           if getattr(strategy, "round_clients", None) is not None else {}),
                     })
                 round_wall = round_sim = 0.0
                 rounds_done = round_index + 1
@@ -811,7 +871,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
     with interrupts.atomic():
         save_checkpoint(ckpt_dir, t.steps, _state(strategy, built, t.steps, totals))
         interrupts.checkpoint = t.steps
-    if role is not None:
+    if role is not None and federation is None:  # a torch.distributed collective: transport=dist only
         strategy.gather_client_memory()
     if not is_server:
         return {}
@@ -842,6 +902,12 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
         "peak_memory_bytes": peak_memory_bytes(built.device),
         "adapter": str(adapter_dir),
     }
+    privacy = strategy.privacy_report() if hasattr(strategy, "privacy_report") else None
+    if privacy is not None:  # DP on (splitlora.privacy): epsilon at delta for the whole run
+        from .privacy.settings import privacy_line
+
+        summary["privacy"] = privacy
+        log(privacy_line(privacy))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

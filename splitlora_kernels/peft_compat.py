@@ -21,7 +21,8 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .layers import FusedLoRALinear, _is_conv1d, _is_linear_like, apply_fused_lora, load_lora_state_dict, lora_modules
+from .layers import (FusedLoRALinear, _is_conv1d, _is_linear4bit, _is_linear_like, apply_fused_lora,
+                     load_lora_state_dict, lora_modules)
 
 __all__ = ["from_peft", "save_peft_adapter", "load_peft_adapter"]
 
@@ -86,13 +87,18 @@ def _unwrap_peft_model(peft_model, peft, lora):
     )
 
 
+def _is_peft_linear4bit(layer) -> bool:
+    """PEFT's QLoRA layer (peft.tuners.lora.bnb.Linear4bit), without importing bitsandbytes."""
+    return type(layer).__name__ == "Linear4bit" and type(layer).__module__ == "peft.tuners.lora.bnb"
+
+
 def _plan_peft_layer(name: str, layer, lora) -> dict:
     """Check one PEFT layer and return what its FusedLoRALinear needs; raises on anything unsupported."""
-    if type(layer) is not lora.Linear:
+    if type(layer) is not lora.Linear and not _is_peft_linear4bit(layer):
         raise ValueError(
             f"module {name!r} is a {type(layer).__module__}.{type(layer).__name__}; from_peft converts only "
-            "peft.tuners.lora.Linear layers (LoRA on nn.Linear or GPT-2 Conv1D), not LoRA on embeddings, "
-            "convolutions, quantized or parallel layers."
+            "peft.tuners.lora.Linear layers (LoRA on nn.Linear or GPT-2 Conv1D) and QLoRA's "
+            "peft.tuners.lora.bnb.Linear4bit, not LoRA on embeddings, convolutions, 8-bit or parallel layers."
         )
     adapters = list(layer.lora_A.keys())
     if len(adapters) != 1:
@@ -127,9 +133,10 @@ def _plan_peft_layer(name: str, layer, lora) -> dict:
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"module {name!r} has a LoRA bias (lora_bias=True), which FusedLoRALinear does not implement.")
     base = layer.get_base_layer()
-    if not _is_linear_like(base):
+    if not (_is_linear_like(base) or _is_linear4bit(base)):
         raise ValueError(
-            f"the base layer of module {name!r} is a {type(base).__name__}; only nn.Linear and Conv1D bases are supported."
+            f"the base layer of module {name!r} is a {type(base).__name__}; only nn.Linear, Conv1D and "
+            "bitsandbytes Linear4bit bases are supported."
         )
     r = int(layer.r[adapter])
     alpha = layer.lora_alpha[adapter]
@@ -210,7 +217,9 @@ def from_peft(peft_model) -> nn.Module:
         base = plan["base"]
         new = FusedLoRALinear.__new__(FusedLoRALinear)
         nn.Module.__init__(new)
-        new._setup(base.weight, base.bias, _is_conv1d(base), plan["r"], plan["alpha"], plan["dropout"], plan["use_rslora"])
+        # A 4-bit base (QLoRA) keeps its quantized weight; the fused layer dequantizes it on the fly.
+        new._setup(base.weight, base.bias, _is_conv1d(base), plan["r"], plan["alpha"], plan["dropout"], plan["use_rslora"],
+                   base_4bit=base if _is_linear4bit(base) else None)
         # Adopt PEFT's Parameter objects themselves (values, dtype, requires_grad, optimizer identity).
         new.lora_A = plan["lora_A"]
         new.lora_B = plan["lora_B"]

@@ -41,6 +41,8 @@ class TrainSetup:
     # The party this process plays under transport=dist ("server" or "client<N>"); None runs
     # every party in this process.
     role: Optional[str] = None
+    # model.quantize: the whole-model names of the linear layers held in 4 bits (splitlora.quantize).
+    quantized_modules: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -296,14 +298,18 @@ class Strategy:
     def _recv_adapters(self, dst: str, src: str, step: int) -> Dict[str, torch.Tensor]:
         return unpack_tensors(self.transport.recv(dst, src, "adapters", step), self.device)
 
-    def _fedavg_round(self, step: int, states: List[Dict[str, torch.Tensor]]) -> tuple:
+    def _fedavg_round(self, step: int, states: List[Dict[str, torch.Tensor]],
+                      clients: Optional[Sequence[int]] = None) -> tuple:
         """Clients upload their adapters, the server averages them (weighted by samples) and sends
-        the average back. Returns (averaged state as received by each client, simulated seconds)."""
-        up = [self._send_adapters(client_name(c), SERVER, step, states[c]) for c in range(self.num_clients)]
-        received = [self._recv_adapters(SERVER, client_name(c), step) for c in range(self.num_clients)]
-        average = fedavg(received, self.setup.client_weights)
-        down = [self._send_adapters(SERVER, client_name(c), step, average) for c in range(self.num_clients)]
-        back = [self._recv_adapters(client_name(c), SERVER, step) for c in range(self.num_clients)]
+        the average back. Returns (averaged state as received by each client, simulated seconds).
+        `clients`: the round's clients (default: all), `states` in their order; their weights
+        are renormalised by fedavg."""
+        clients = list(range(self.num_clients)) if clients is None else list(clients)
+        up = [self._send_adapters(client_name(c), SERVER, step, s) for c, s in zip(clients, states)]
+        received = [self._recv_adapters(SERVER, client_name(c), step) for c in clients]
+        average = fedavg(received, [self.setup.client_weights[c] for c in clients])
+        down = [self._send_adapters(SERVER, client_name(c), step, average) for c in clients]
+        back = [self._recv_adapters(client_name(c), SERVER, step) for c in clients]
         tm = self.time_model
         sim = max(tm.transfer(b) for b in up) + max(tm.transfer(b) for b in down)
         return back, sim

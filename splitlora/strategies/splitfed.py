@@ -13,6 +13,7 @@ client's update does not depend on how many others share the server's batch.
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -21,7 +22,11 @@ from torch import nn
 from ..adapters import (adapter_state, clone_sharing_frozen, load_adapter_state, lora_plan,
                         whole_model_names)
 from ..aggregate import fedavg
+from ..federation.membership import sample_clients
 from ..memory import most_demanding, side_memory
+from ..privacy.adapters import privatize_update
+from ..privacy.settings import PrivacyRuntime
+from ..privacy.stream import PrivateEncode, clip_for_backward
 from ..timemodel import train_flops
 from ..transport import SERVER, TransportError, client_name, is_client_process
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
@@ -58,6 +63,13 @@ class _SplitBase(Strategy):
         self._server_dtype = next(self.server.parameters()).dtype
         self.encoder = EncodeWorker(self.device, enabled=bool(self.cfg.codec.overlap))
         self._flops_cache: Dict[tuple, float] = {}
+        # DP (splitlora.privacy): None when the config's privacy section is off. Sample rate of a
+        # client's examples: its batch / its examples.
+        self.privacy = None
+        if self.cfg.privacy.clip is not None or self.cfg.privacy.adapter_clip is not None:
+            self.privacy = PrivacyRuntime(self.cfg, [min(1.0, l.batch_size / len(l)) for l in setup.loaders])
+        # The global client adapters of the last average: what an adapter update is measured from.
+        self._adapter_base = adapter_state(parts[0]) if self.privacy is not None and self.privacy.adapters else None
 
     # -- flops ------------------------------------------------------------------------------------
     def _flops(self, what: str, batch: int, seq_len: int) -> float:
@@ -65,7 +77,9 @@ class _SplitBase(Strategy):
         if key not in self._flops_cache:
             s = self.setup
             cut = self.cfg.model.cut_layer
-            end = self.cfg.model.server_end if self.u_shape else s.num_layers
+            # Where the server's layers end: the U-shape's server_end as resolved at build time
+            # (model.server_end may be null, meaning its default), else the last layer.
+            end = s.server.layer_range[1]
             if what == "head":
                 f = self._fwd_flops(s.client, batch, cut, seq_len)
             elif what == "tail":
@@ -111,6 +125,10 @@ class _SplitBase(Strategy):
         if server:
             self._remote_client_memory = dict(item for item in gathered if item is not None)
 
+    def privacy_report(self) -> Optional[dict]:
+        """summary.json's "privacy" (None when the privacy section is off)."""
+        return None if self.privacy is None else self.privacy.report(self.aggregates)
+
     def memory_per_side(self) -> dict:
         # In a dist server process the clients ran elsewhere: what they measured arrives after the
         # last step (gather_client_memory).
@@ -135,7 +153,12 @@ class _SplitBase(Strategy):
             batch = self._batch(c)
             with self._client_meter(c, batch["input_ids"].numel()):
                 h = self.parts[c]["head"](batch["input_ids"], **mask_kwargs([batch]))
-            future = self.encoder.submit(self.act_up[c], h.detach())
+            if self.privacy is not None and self.privacy.cut:
+                future = self.encoder.submit(self._private(self.act_up[c], c, batch), h.detach())
+                # The client's backward goes through the clipping it applied (splitlora.privacy.clip).
+                h = clip_for_backward(h, self.privacy.clip, batch.get("attention_mask"))
+            else:
+                future = self.encoder.submit(self.act_up[c], h.detach())
             # The padding mask, or a packed batch's position ids (the server's mask is built from them).
             meta = mask_meta(batch)
             if not self.u_shape:
@@ -143,6 +166,10 @@ class _SplitBase(Strategy):
             meta_packet = pack_tensors(meta)
         self._hidden[c], self._batches[c] = h, batch
         return future, meta_packet
+
+    def _private(self, stream, c: int, batch) -> PrivateEncode:
+        p = self.privacy
+        return PrivateEncode(stream, p.clip, p.noise_multiplier, p.generators[c], batch.get("attention_mask"))
 
     def _send_up(self, c: int, step: int, future, meta_packet) -> None:
         name = client_name(c)
@@ -165,6 +192,8 @@ class _SplitBase(Strategy):
                 name = client_name(c)
                 act = self.transport.recv(SERVER, name, "activations", step)
                 meta = self.transport.recv(SERVER, name, "labels", step)
+                if self.privacy is not None and self.privacy.cut:
+                    self.privacy.record_cut(c)  # the server counts each client's releases as they arrive
                 self._up_bytes[c] = act.numel() + meta.numel()
                 received.append(self._decode_from(c, step, "activations",
                                                   lambda: self.act_up[c].decode(act, self._server_dtype, self.device)))
@@ -262,39 +291,62 @@ class _SplitBase(Strategy):
         """U-shape: the server returns the activations at server_end, each client runs its tail,
         loss and backward, and sends the gradient back; then the server finishes its backward."""
         tm = self.time_model
-        transport = self.transport
-        n_group = len(group)
+        h_all, sizes, out, down = self._u_server_down(step, group, received, metas)
+        losses, tail_sim = [], {}
+        for c in group:
+            loss, up = self._u_client_tail(c, step)
+            losses.append(loss)
+            tail_flops = self._flops("tail", sizes[0], self._step_lengths[group.index(c)])
+            tail_sim[c] = (tm.transfer(down[c]) + tm.client_compute(train_flops(tail_flops)) + tm.transfer(up))
+        futures = self._u_server_finish(step, group, received, h_all, sizes, out)
+        return losses, sizes, futures, tail_sim
+
+    # The U-shape's three phases, each run by the party that owns it (together in _u_shape_middle).
+    def _u_server_down(self, step, group, received, metas):
+        """The server's forward; the activations at server_end go down to each client."""
         with self.rng(SERVER), self._server_timer:
             with self._server_meter(received):
                 h_all, sizes, out = self._server_forward(received, metas)
             down = {}
             for c, o, r in zip(group, out.split(sizes), received):
                 packet = self.act_down[c].encode(o[:, :r.shape[1]].detach())
-                transport.send(SERVER, client_name(c), "activations", step, packet)
+                self.transport.send(SERVER, client_name(c), "activations", step, packet)
                 down[c] = packet.numel()
-        losses, tail_sim = [], {}
-        for c in group:
-            name = client_name(c)
-            with self.rng(name), self._client_timers[c]:
-                a = self.act_down[c].decode(transport.recv(name, SERVER, "activations", step),
-                                            self._hidden[c].dtype, self.device).requires_grad_(True)
-                loss = causal_lm_loss(self.parts[c]["tail"](a, **mask_kwargs([self._batches[c]])),
-                                      self._batches[c]["labels"])
-                loss.backward()
+        return h_all, sizes, out, down
+
+    def _u_client_tail(self, c: int, step: int):
+        """Client c's tail, loss and backward; the gradient at server_end goes up. Returns (loss,
+        bytes sent)."""
+        name = client_name(c)
+        transport = self.transport
+        with self.rng(name), self._client_timers[c]:
+            a = self.act_down[c].decode(transport.recv(name, SERVER, "activations", step),
+                                        self._hidden[c].dtype, self.device).requires_grad_(True)
+            loss = causal_lm_loss(self.parts[c]["tail"](a, **mask_kwargs([self._batches[c]])),
+                                  self._batches[c]["labels"])
+            loss.backward()
+            if self.privacy is not None and self.privacy.protect_gradients:
+                packet = self._private(self.grad_up[c], c, self._batches[c]).encode(a.grad)
+            else:
                 packet = self.grad_up[c].encode(a.grad)
-            transport.send(name, SERVER, "gradients", step, packet)
-            losses.append(loss.detach())
-            tail_flops = self._flops("tail", sizes[0], self._step_lengths[group.index(c)])
-            tail_sim[c] = (tm.transfer(down[c]) + tm.client_compute(train_flops(tail_flops))
-                           + tm.transfer(packet.numel()))
+        transport.send(name, SERVER, "gradients", step, packet)
+        return loss.detach(), packet.numel()
+
+    def _u_server_finish(self, step, group, received, h_all, sizes, out):
+        """The server's backward from the clients' gradients; the futures of each client's gradient at the cut."""
+        n_group = len(group)
+        self._tail_up_bytes = {}
         with self.rng(SERVER), self._server_timer:
-            grads = [self._decode_from(c, step, "gradients", lambda c=c: self.grad_up[c].decode(
-                transport.recv(SERVER, client_name(c), "gradients", step), out.dtype, self.device)) for c in group]
+            grads = []
+            for c in group:
+                packet = self.transport.recv(SERVER, client_name(c), "gradients", step)
+                self._tail_up_bytes[c] = packet.numel()
+                grads.append(self._decode_from(c, step, "gradients", lambda: self.grad_up[c].decode(
+                    packet, out.dtype, self.device)))
             out.backward(concat_right_padded(grads) / n_group)
             self.server_side.step()
-            futures = {c: self.encoder.submit(self.grad_down[c], g[:, :r.shape[1]])
-                       for c, g, r in zip(group, (h_all.grad * n_group).split(sizes), received)}
-        return losses, sizes, futures, tail_sim
+            return {c: self.encoder.submit(self.grad_down[c], g[:, :r.shape[1]])
+                    for c, g, r in zip(group, (h_all.grad * n_group).split(sizes), received)}
 
     # -- evaluation and export ------------------------------------------------------------------------
     def _global_client_state(self) -> Dict[str, torch.Tensor]:
@@ -343,6 +395,10 @@ class _SplitBase(Strategy):
             "streams": streams,
             "party_rng": self.rng.state_dict(),
         }
+        if self.privacy is not None:
+            state["privacy"] = {**self.privacy.state_dict(), "adapter_base": self._adapter_base}
+        if hasattr(self, "_fresh") and (self._sampling or getattr(self.transport, "membership", None) is not None):
+            state["fresh"] = sorted(self._fresh)  # who holds the global adapters (SplitLoRA's sampling)
         if not is_client_process(self.role):  # a client process holds no server weights (trainer.build)
             state["server"] = adapter_state(self.server)
             state["server_side"] = self.server_side.state_dict()
@@ -357,9 +413,14 @@ class _SplitBase(Strategy):
             load_adapter_state(self.server, state["server"])
             self.server_side.load_state_dict(state["server_side"])
         self.rng.load_state_dict(state["party_rng"])
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+            self._adapter_base = state["privacy"]["adapter_base"]
         for name, states in state["streams"].items():
             for stream, s in zip(getattr(self, name), states):
                 stream.load_state_dict(s)
+        if "fresh" in state:
+            self._fresh = set(int(c) for c in state["fresh"])
 
 
 class SplitLoRA(_SplitBase):
@@ -376,57 +437,274 @@ class SplitLoRA(_SplitBase):
                               clone_sharing_frozen(setup.tail) if setup.tail is not None else None)
                  for _ in range(n)]
         super().__init__(setup, parts)
+        # federation.clients_per_round: the clients that train in the current round (a seeded sample
+        # of those available, splitlora.federation.membership.sample_clients). None in the
+        # in-process run without sampling (every client, every round).
+        self._sampling = self.cfg.federation.clients_per_round is not None
+        self.round_clients: Optional[List[int]] = None
+        # The clients that hold the current global adapters. One outside it (it sat out the last
+        # average, or it joined since) is sent them before it next trains: the non-sampled clients
+        # of a round get the round's average when they are next sampled, not at once.
+        self._fresh = set(range(n))
+        self._trains_this_round = True  # a federation client: whether the server sampled it
+
+    def _new_round(self, step: int) -> bool:
+        return step % self.cfg.train.aggregate_every == 0 or self.round_clients is None
+
+    def _sample(self, step: int, available: Sequence[int]) -> List[int]:
+        self.round_clients = sample_clients(available, self.cfg.federation.clients_per_round, self.cfg.seed,
+                                            step // self.cfg.train.aggregate_every)
+        return self.round_clients
+
+    def _local_round_start(self, step: int) -> float:
+        """In-process sampling: draws the round's clients and sends the global adapters to those
+        that lack them (counted as a federation would send them); the simulated seconds."""
+        sample = self._sample(step, range(self.num_clients))
+        down = 0
+        for c in sample:
+            if c not in self._fresh:
+                # In one process every client's copy already holds the global adapters (end_round
+                # loads them into all); this is the transfer a real client would need.
+                down = max(down, self._send_adapters(SERVER, client_name(c), step, adapter_state(self.parts[c])))
+                load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
+                self._fresh.add(c)
+        return self.time_model.transfer(down) if down else 0.0
 
     def train_step(self, step: int) -> StepResult:
         if self.role is None:
-            return self._exchange(step, list(range(self.num_clients)))
+            if not self._sampling:
+                return self._exchange(step, list(range(self.num_clients)))
+            sim = self._local_round_start(step) if self._new_round(step) else 0.0
+            result = self._exchange(step, self.round_clients)
+            result.sim_time_s = result.sim_time_s + sim
+            return result
         if self.role == SERVER:
-            return self._server_step(step)
-        return self._client_step(int(self.role[len("client"):]), step)
+            return self._server_step_u_shape(step) if self.u_shape else self._server_step(step)
+        c = int(self.role[len("client"):])
+        return self._client_step_u_shape(c, step) if self.u_shape else self._client_step(c, step)
 
-    # -- one party per process (transport=dist) ------------------------------------------------------
-    def _server_step(self, step: int) -> StepResult:
+    # -- the U-shape, one party per process (a federation) -------------------------------------------
+    def _server_step_u_shape(self, step: int) -> StepResult:
+        tm = self.time_model
         group = list(range(self.num_clients))
         self._begin_step(group)
         received, metas = self._server_receive(step, group)
-        losses, sizes, grads = self._server_compute(step, group, received, metas)
-        grad_bytes = {c: self._send_down(c, step, grads[c]) for c in group}
+        h_all, sizes, out, down = self._u_server_down(step, group, received, metas)
+        futures = self._u_server_finish(step, group, received, h_all, sizes, out)
+        grad_bytes = {c: self._send_down(c, step, futures[c]) for c in group}
+        # The loss is computed where the labels are, on each client, which reports its value (a
+        # figure for the metrics, outside the protocol's packets and their byte counts).
+        losses = [torch.tensor(self.transport.recv_report(client_name(c), "loss", step), dtype=torch.float32)
+                  for c in group]
+        tail_sim = {c: tm.transfer(down[c]) + tm.client_compute(train_flops(self._flops("tail", sizes[0], length)))
+                    + tm.transfer(self._tail_up_bytes[c]) for c, length in zip(group, self._step_lengths)}
         self.transport.flush()
         return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
-                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes))
+                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes, tail_sim))
+
+    def _client_step_u_shape(self, c: int, step: int) -> StepResult:
+        name = client_name(c)
+        self._begin_step([c])
+        self._send_up(c, step, *self._client_forward(c, step))
+        loss, _ = self._u_client_tail(c, step)
+        self.transport.report(name, "loss", step, float(loss))
+        self._client_finish(c, step, self.transport.recv(name, SERVER, "gradients", step))
+        self.transport.flush()
+        return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)
+
+    # -- one party per process (transport=dist) ------------------------------------------------------
+    def _server_step(self, step: int) -> StepResult:
+        # A federation's server (splitlora.federation) has a membership: a client that fails is
+        # dropped and the step goes on with the others; without one, any failure stops the run.
+        members = getattr(self.transport, "membership", None)
+        start_sim = 0.0
+        if members is None:
+            group = list(range(self.num_clients))
+        else:
+            if self._new_round(step):
+                start_sim = self._server_round_start(step, members)
+            group = [c for c in self.round_clients if c in members.training()]
+        self._begin_step(group)
+        if members is None:
+            received, metas = self._server_receive(step, group)
+        else:
+            received, metas, kept = [], [], []
+            for c in group:
+                try:
+                    (r,), (m,) = self._server_receive(step, [c])
+                except TransportError as err:
+                    members.drop(c, step, str(err))
+                    continue
+                received.append(r)
+                metas.append(m)
+                kept.append(c)
+            group = kept
+            if not group:
+                raise TransportError(f"every client sampled for round {step // self.cfg.train.aggregate_every} "
+                                     f"dropped out by step {step}; nothing is left to train on this round")
+        losses, sizes, grads = self._server_compute(step, group, received, metas)
+        grad_bytes = {}
+        for c in group:
+            try:
+                grad_bytes[c] = self._send_down(c, step, grads[c])
+            except TransportError as err:
+                if members is None:
+                    raise
+                members.drop(c, step, str(err))
+        self.transport.flush()
+        extra = {"dropped": members.events(), "joined": members.joins()} if members is not None else {}
+        return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
+                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes) + start_sim,
+                          extra={k: v for k, v in extra.items() if v})
+
+    def _server_round_start(self, step: int, members) -> float:
+        """A federation round begins: the server samples among the clients in the run, tells each
+        whether it trains this round (a control message, outside the byte counts), and sends the
+        global adapters to the sampled clients that lack them. The non-sampled clients wait for
+        the next round's message. Returns the simulated seconds of that download."""
+        self._admit(step, members)
+        available = members.training()
+        sample = self._sample(step, available)
+        round_index = step // self.cfg.train.aggregate_every
+        for c in available:
+            self.transport.send_control(client_name(c), {"type": "round", "round": round_index, "step": step,
+                                                         "train": c in sample,
+                                                         "adapters": c in sample and c not in self._fresh})
+        down = 0
+        for c in sample:
+            if c in self._fresh:
+                continue
+            try:
+                # The server's copies of the client parts hold the global adapters (end_round).
+                down = max(down, self._send_adapters(SERVER, client_name(c), step, adapter_state(self.parts[0])))
+                self._fresh.add(c)
+            except TransportError as err:
+                members.drop(c, step, str(err))
+        return self.time_model.transfer(down) if down else 0.0
+
+    def _admit(self, step: int, members) -> None:
+        """Takes in the clients that (re)joined since the last round (their FedAvg weight is the
+        sample count they report; they get the global adapters when sampled). With fewer than
+        federation.min_clients in the run, waits up to federation.wait_s for more to join."""
+        deadline = time.monotonic() + (members.wait_s or 0.0)
+        while True:
+            if members.admit is not None:
+                for c, samples in members.admit(step).items():
+                    self.setup.client_weights[c] = float(samples)
+                    self._fresh.discard(c)
+            have = members.training()
+            if len(have) >= members.min_clients:
+                return
+            if time.monotonic() >= deadline:
+                raise TransportError(f"only {len(have)} client(s) remain ("
+                                     f"{', '.join(members.names[c] for c in have) or 'none'}) at step {step}, and "
+                                     f"none came back within federation.wait_s={members.wait_s:g} s; the run needs "
+                                     f"federation.min_clients={members.min_clients}")
+            time.sleep(0.2)
 
     def _client_step(self, c: int, step: int) -> StepResult:
+        if hasattr(self.transport, "next_round") and self._new_round(step):
+            # A federation client: the server says whether it trains this round (and, when it sat
+            # out the last average or has just joined, sends the global adapters first). A client
+            # left out may wait a whole round for the next message.
+            message = self.transport.next_round(step, (self.cfg.train.aggregate_every + 1) * self.transport.timeout_s)
+            self.round_clients = [c] if message["train"] else []
+            self._trains_this_round = bool(message["train"])
+            if message.get("adapters"):
+                load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
+                if self._adapter_base is not None:
+                    self._adapter_base = adapter_state(self.parts[c])
+        if not self._trains_this_round:
+            return StepResult(loss=float("nan"))
         self._begin_step([c])
         self._send_up(c, step, *self._client_forward(c, step))
         self._client_finish(c, step, self.transport.recv(client_name(c), SERVER, "gradients", step))
         self.transport.flush()
         return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)
 
+    def _outgoing_adapters(self, c: int) -> Dict[str, torch.Tensor]:
+        """Client c's adapters as sent to FedAvg: with adapter DP, the last global adapters plus its
+        clipped, noised update (splitlora.privacy.adapters)."""
+        state = adapter_state(self.parts[c])
+        p = self.privacy
+        if p is None or not p.adapters:
+            return state
+        return privatize_update(state, self._adapter_base, p.adapter_clip, p.adapter_noise_multiplier,
+                                p.adapter_generators[c])
+
+    def _count_adapter_releases(self, clients: Sequence[int]) -> None:
+        """The clients that sent their adapters this round (a sampled-out or dropped one released none)."""
+        if self.privacy is not None and self.privacy.adapters:
+            for c in clients:
+                self.privacy.record_adapters(c)
+
     def end_round(self, step: int) -> float:
         if self.role is None:
-            states = [adapter_state(p) for p in self.parts]
-            averaged, sim = self._fedavg_round(step, states)
-            for p, s in zip(self.parts, averaged):
-                load_adapter_state(p, s)
+            clients = self.round_clients if self._sampling else list(range(self.num_clients))
+            states = [self._outgoing_adapters(c) for c in clients]
+            averaged, sim = self._fedavg_round(step, states, clients)
+            self._count_adapter_releases(clients)
+            if self._sampling:
+                # Every copy holds the global adapters from here on; the clients left out of this
+                # round are sent them (and the bytes counted) when they are next sampled.
+                for p in self.parts:
+                    load_adapter_state(p, averaged[0])
+                self._fresh = set(clients)
+            else:
+                for p, s in zip(self.parts, averaged):
+                    load_adapter_state(p, s)
+            if self._adapter_base is not None:
+                self._adapter_base = adapter_state(self.parts[0])
             return sim
         tm = self.time_model
         if self.role == SERVER:
-            received = []
-            for c in range(self.num_clients):
-                received.append(self._decode_from(
-                    c, step, "adapters", lambda c=c: self._recv_adapters(SERVER, client_name(c), step)))
+            members = getattr(self.transport, "membership", None)  # see _server_step
+            # The round's clients still in the run (the U-shape, which does not sample, has all).
+            group = (list(range(self.num_clients)) if members is None
+                     else [c for c in (self.round_clients if self.round_clients is not None else members.training())
+                           if c in members.training()])
+            received, finished = [], []
+            for c in group:
+                try:
+                    received.append(self._decode_from(
+                        c, step, "adapters", lambda c=c: self._recv_adapters(SERVER, client_name(c), step)))
+                    finished.append(c)
+                except TransportError as err:
+                    if members is None:
+                        raise
+                    members.drop(c, step, str(err))
+            if not finished:
+                raise TransportError(f"no client of round {step // self.cfg.train.aggregate_every} sent its adapters "
+                                     f"at step {step}; there is nothing to average")
             up = max(tm.transfer(self.transport.received.round_total(self.transport.round_index, client=client_name(c),
-                                                                     kind="adapters")) for c in range(self.num_clients))
-            average = fedavg(received, self.setup.client_weights)
-            down = max(self._send_adapters(SERVER, client_name(c), step, average) for c in range(self.num_clients))
+                                                                     kind="adapters")) for c in finished)
+            # FedAvg over the clients that finished the round, weighted by their samples (renormalised).
+            average = fedavg(received, [self.setup.client_weights[c] for c in finished])
+            self._count_adapter_releases(finished)
+            down = 0
+            for c in finished:
+                try:
+                    down = max(down, self._send_adapters(SERVER, client_name(c), step, average))
+                except TransportError as err:
+                    if members is None:
+                        raise
+                    members.drop(c, step, str(err))
             # The server's copies of the client parts hold the global adapters: for evaluation and export.
             for p in self.parts:
                 load_adapter_state(p, average)
+            if members is not None:
+                self._fresh = set(c for c in finished if c in members.training())
+                if step + 1 >= self.cfg.train.steps and members.finish is not None:
+                    members.finish()
             self.transport.flush()
             return up + tm.transfer(down)
         c = int(self.role[len("client"):])
-        self._send_adapters(client_name(c), SERVER, step, adapter_state(self.parts[c]))
+        if not self._trains_this_round:
+            return 0.0  # left out of this round: nothing to send (the server sends the average later)
+        self._send_adapters(client_name(c), SERVER, step, self._outgoing_adapters(c))
         load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
+        if self._adapter_base is not None:
+            self._adapter_base = adapter_state(self.parts[c])
         self.transport.flush()
         return 0.0
 
@@ -447,6 +725,10 @@ class VanillaSL(_SplitBase):
         super().__init__(setup, [shared] * len(setup.loaders))
 
     def train_step(self, step: int) -> StepResult:
+        if self.role == SERVER:
+            return self._server_step(step)
+        if self.role is not None:
+            return self._client_step(int(self.role[len("client"):]), step)
         total = StepResult(loss=0.0)
         losses = []
         n = self.num_clients
@@ -467,3 +749,44 @@ class VanillaSL(_SplitBase):
                 total.sim_time_s += self.time_model.transfer(b_up) + self.time_model.transfer(b_down)
         total.loss = sum(losses) / len(losses)
         return total
+
+    # -- one party per process (a federation): the same exchanges, in the same order -----------------
+    def _server_step(self, step: int) -> StepResult:
+        n = self.num_clients
+        tm = self.time_model
+        total = StepResult(loss=0.0)
+        losses = []
+        for c in range(n):
+            self._begin_step([c])
+            received, metas = self._server_receive(step, [c])
+            client_losses, sizes, grads = self._server_compute(step, [c], received, metas)
+            grad_bytes = {c: self._send_down(c, step, grads[c])}
+            losses.append(float(torch.stack(client_losses).mean()))
+            total.server_compute_s += self._server_timer.elapsed
+            total.sim_time_s += self._simulated_step([c], sizes[0], sum(sizes), grad_bytes)
+            if n > 1:
+                # Relay client c's adapters to the next client; the server's copy keeps the latest
+                # (for evaluation and export).
+                packet = self.transport.recv(SERVER, client_name(c), "adapters", step)
+                relayed = self._decode_from(c, step, "adapters", lambda: unpack_tensors(packet, self.device))
+                b_down = self._send_adapters(SERVER, client_name((c + 1) % n), step, relayed)
+                load_adapter_state(self.parts[0], relayed)
+                total.sim_time_s += tm.transfer(packet.numel()) + tm.transfer(b_down)
+        self.transport.flush()
+        total.loss = sum(losses) / len(losses)
+        return total
+
+    def _client_step(self, c: int, step: int) -> StepResult:
+        n = self.num_clients
+        name = client_name(c)
+        if n > 1 and c > 0:  # the adapters client c-1 trained this step
+            load_adapter_state(self.parts[c], self._recv_adapters(name, SERVER, step))
+        self._begin_step([c])
+        self._send_up(c, step, *self._client_forward(c, step))
+        self._client_finish(c, step, self.transport.recv(name, SERVER, "gradients", step))
+        if n > 1:
+            self._send_adapters(name, SERVER, step, adapter_state(self.parts[c]))
+            if c == 0:  # the last client's, for the next step (in-process, client 0 loads them now too)
+                load_adapter_state(self.parts[0], self._recv_adapters(name, SERVER, step))
+        self.transport.flush()
+        return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)

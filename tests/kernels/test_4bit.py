@@ -183,6 +183,31 @@ def test_apply_fused_lora_4bit_matches_peft(quant_type, fused_calls):
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_from_peft_converts_qlora_layers(quant_type, fused_calls):
+    """from_peft on a QLoRA PeftModel: each lora.bnb.Linear4bit becomes a 4-bit FusedLoRALinear that
+    adopts the same quantized weight and PEFT's adapter Parameters, and computes what PEFT did."""
+    from splitlora_kernels import from_peft
+
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(7))
+    pm = get_peft_model(MLP(quant_type), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    randomize_adapters(pm)
+    quantized = {n: pm.base_model.model.get_submodule(n).base_layer.weight for n in ("fc1", "fc2")}
+    ref_out, ref_grads, ref_dx = grads_of(pm, x, lambda m, x: m(x))
+    model = from_peft(pm)
+    for name in ("fc1", "fc2"):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, FusedLoRALinear) and layer.is_4bit and layer.weight is quantized[name]
+    out, grads, dx = grads_of(model, x, lambda m, x: m(x))
+    assert len(fused_calls) == 2
+    torch.testing.assert_close(out, ref_out, **F32)
+    torch.testing.assert_close(dx, ref_dx, **F32)
+    for name in ("fc1", "fc2"):
+        for ab in "AB":
+            torch.testing.assert_close(grads[f"{name}.lora_{ab}"],
+                                       ref_grads[f"base_model.model.{name}.lora_{ab}.default.weight"], **F32)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_from_linear_4bit_matches_peft_layer(quant_type, fused_calls):
     base = quantized_linear(quant_type)
     peft_layer = lora_bnb.Linear4bit(base, "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
@@ -335,3 +360,38 @@ def test_quantized_weight_is_refused_outside_the_4bit_path():
     nn.Module.__init__(layer)
     with pytest.raises(ValueError, match="floating-point"):
         layer._setup(base.weight, base.bias, False, 4, 8, 0.0, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_fused_4bit_on_cuda_matches_the_dequantized_reference(quant_type):
+    """On a GPU (bfloat16 compute, the Triton path of the fused op): outputs and adapter gradients
+    equal F.linear with the dequantized weight plus the low-rank path in float32, at bf16's
+    tolerance (2e-2); and PEFT's own QLoRA layer over the same weight and adapters agrees."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 192)
+    q = bnb.nn.Linear4bit(256, 192, compute_dtype=torch.bfloat16, quant_type=quant_type)
+    q.load_state_dict(dense.state_dict())
+    q = q.to("cuda")
+    layer = FusedLoRALinear.from_linear(q, r=8, alpha=16, adapter_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape) * 0.1)
+    x = torch.randn(4, 33, 256, device="cuda", dtype=torch.bfloat16)
+    out, grads, _ = grads_of(layer, x, lambda m, x: m(x))
+
+    weight = layers_mod.dequantize_4bit_weight(q.weight, torch.float32)
+    a, b = (layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True))
+    xf = x.float()
+    ref = torch.nn.functional.linear(xf, weight, q.bias.float()) + (xf @ a.t() @ b.t()) * layer.scaling
+    ref.square().mean().backward()
+    bf16 = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), ref.detach(), **bf16)
+    torch.testing.assert_close(grads["lora_A"].float(), a.grad, **bf16)
+    torch.testing.assert_close(grads["lora_B"].float(), b.grad, **bf16)
+
+    peft_layer = lora_bnb.Linear4bit(q, "default", config=LoraConfig(r=8, lora_alpha=16), r=8, lora_alpha=16)
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_layer(x).float(), out.float(), **bf16)

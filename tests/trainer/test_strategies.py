@@ -546,3 +546,19 @@ def test_a_client_process_reads_only_its_layers_of_a_saved_model(tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {n: p.shape for n, p in client.server.named_parameters()} == \
         {n: p.shape for n, p in whole.server.named_parameters()}
+
+
+@pytest.mark.parametrize("strategy", ["splitlora", "sl"])
+def test_u_shape_default_server_end_is_the_explicit_one(tmp_path, strategy):
+    """model.server_end null means num_layers - 1 (config.validate_model_layers): the run, its
+    simulated flops included, equals one that names it (it used to fail computing the tail's flops)."""
+    runs = {}
+    for name, end in (("default", []), ("explicit", ["model.server_end=2"])):  # the tiny model has 3 layers
+        cfg = tiny_config(tmp_path, f"strategy={strategy}", "train.u_shape=true", *end, name=name)
+        train(cfg, progress=False, log=lambda *_: None)
+        runs[name] = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(l)["type"] == "step"]
+    assert len(runs["default"]) == 6
+    for a, b in zip(runs["default"], runs["explicit"]):
+        assert (a["loss"], a["sim_client_flops"], a["sim_server_flops"]) == (b["loss"], b["sim_client_flops"],
+                                                                            b["sim_server_flops"])

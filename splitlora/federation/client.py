@@ -1,0 +1,145 @@
+"""`splitlora client`: one client of a federation.
+
+It connects to the server (one gRPC stream, mutual TLS), learns its index from the server's
+welcome, loads its client segment only (the saved model's bottom layers, as a transport=dist
+client does), reads its own data file (`--data`, any format the data readers accept), reports
+its sample count and trains in lockstep with the server (trainer._train with role client<N>).
+Its data never leaves it: only activations (and, in the plain variant, labels) at the cut and
+its adapters cross. It checkpoints every round in its own output folder.
+
+A client that connects to a running federation (late, or restarted after a crash) is told so in
+the welcome; it reports its samples and starts at the round the server admits it to, with the
+global adapters. In each round the server says whether it trains (federation.clients_per_round).
+
+When the connection to the server breaks (the server crashed or is restarting), it tries to
+reconnect with exponential backoff for up to federation.wait_s, and continues from the newest
+round that it and the restarted server both have checkpointed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..transport import TransportError
+from .settings import check_address, check_federation_run, config_fingerprint
+
+INSECURE_WARNING = ("warning: --insecure: TLS is off; the server is not authenticated and what crosses the "
+                    "connection can be read or altered. Use it for loopback tests only.")
+
+
+def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = False, data: Optional[str] = None,
+               output_dir: Optional[str] = None, log: Callable[[str], None] = print) -> int:
+    from ..trainer import _Interrupts, _train
+    from .data import ClientData
+    from .grpc_transport import GrpcClientTransport
+
+    check_federation_run(cfg)
+    check_address(server, "--server")
+    data = data or cfg.data.train_path
+    if data is None:
+        raise ValueError("a client trains on its own data: give --data FILE (or set data.train_path in its config)")
+    if insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    f = cfg.federation
+    fingerprint = config_fingerprint(cfg)
+    cfg = dataclasses.replace(cfg, output_dir=output_dir or f"{cfg.output_dir}-{name}")
+
+    # A client waits for the server, which may itself wait step_timeout_s for each client of the
+    # step that is late before it answers anyone.
+    timeout_s = (cfg.train.clients + 1) * f.step_timeout_s
+
+    def connect():
+        return GrpcClientTransport(server, name, certs_dir=certs_dir, insecure=insecure, timeout_s=timeout_s,
+                                   max_packet_bytes=f.max_packet_bytes, chunk_bytes=f.chunk_bytes,
+                                   keepalive_s=f.keepalive_s, hello={"config": fingerprint})
+
+    transport, welcome = join(connect, server, f.wait_s, log)
+    try:
+        while True:
+            role = transport.me
+            log(f"federation: client {name} joined {server} as {role} of {welcome['clients']}"
+                + (" (resuming)" if welcome.get("resume") else "")
+                + (" (the run is under way: it trains from the next round)" if welcome.get("join") else ""))
+            # A client joining a running federation waits for the next round's start, up to a round.
+            ready_wait = f.wait_s + (cfg.train.aggregate_every + 1) * timeout_s if welcome.get("join") else f.wait_s
+            run_cfg = dataclasses.replace(cfg, resume=bool(welcome.get("resume")),
+                                          overwrite=cfg.overwrite and not welcome.get("resume"))
+            try:
+                _run(run_cfg, role, transport, ClientData(data, int(welcome["index"]), int(welcome["clients"]),
+                                                           on_ready=_ready(transport, name, ready_wait)),
+                     _agree(transport, f.wait_s), log, _train, _Interrupts)
+                log(f"federation: client {name} finished its {cfg.train.steps} steps")
+                return 0
+            except TransportError as err:
+                if transport.server_ended is not None and transport.server_ended.get("type") != "paused":
+                    raise  # the server ended the run on purpose: nothing to rejoin
+                log(f"federation: client {name} lost the server ({err}); reconnecting for up to {f.wait_s:g} s")
+                transport.close(grace_s=0)
+                transport, welcome = join(connect, server, f.wait_s, log)
+    finally:
+        transport.close()
+
+
+def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls) -> None:
+    interrupts = interrupts_cls(Path(cfg.output_dir) / "clients" / role / "checkpoints")
+    with interrupts:
+        try:
+            train(cfg, role, progress=False, log=log, interrupts=interrupts, transport=transport,
+                  federation=federation, agree_resume=agree)
+        except KeyboardInterrupt:
+            stop = interrupts.stopped(role)
+            print(stop.message, file=sys.stderr, flush=True)
+            raise stop from None
+
+
+def _ready(transport, name: str, wait_s: float):
+    def ready(samples: int) -> Optional[int]:
+        """Reports the sample count; returns the step to start at when joining a running federation."""
+        transport.send_control({"type": "ready", "samples": samples})
+        message = transport.control(wait_s)
+        if message.get("type") != "start":
+            raise TransportError(f"client {name}: the server did not start the run: "
+                                 f"{message.get('reason', message.get('type'))}")
+        return message.get("step")
+    return ready
+
+
+def _agree(transport, wait_s: float):
+    def agree(step: int) -> int:
+        transport.send_control({"type": "resume_step", "step": int(step)})
+        message = transport.control(wait_s)
+        if message.get("type") != "resume_at":
+            raise TransportError(f"the server did not answer which step to resume from: "
+                                 f"{message.get('reason', message.get('type'))}")
+        return int(message["step"])
+    return agree
+
+
+# An unreachable server that waiting cannot cure: a certificate one side does not trust (a TLS
+# protocol failure or alert; a handshake cut short by a server that is going down or starting up
+# is transient). Refusals by the server itself (a duplicate name, another config) are not UNAVAILABLE.
+_FINAL = re.compile(r"CERTIFICATE|SSL_ERROR_SSL|TSI_PROTOCOL_FAILURE|ALERT", re.IGNORECASE)
+
+
+def join(connect, server: str, wait_s: float, log, *, first_delay_s: float = 0.5, max_delay_s: float = 10.0):
+    """(transport, welcome): connects and waits for the server's welcome. While the server cannot be
+    reached (not started yet, restarting), tries again with exponential backoff, for at most
+    `wait_s` in all; a refusal (TLS, duplicate name, another config) ends it at once."""
+    deadline = time.monotonic() + wait_s
+    delay = first_delay_s
+    while True:
+        transport = connect()
+        try:
+            return transport, transport.wait_welcome(max(1.0, deadline - time.monotonic()))
+        except TransportError as err:
+            transport.close(grace_s=0)
+            message = str(err)
+            if "UNAVAILABLE" not in message or _FINAL.search(message) or time.monotonic() + delay > deadline:
+                raise
+            log(f"federation: the server at {server} cannot be reached yet; trying again in {delay:.1f} s")
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay_s)

@@ -1,0 +1,122 @@
+"""The federation programs' checks, in one process: which configs can run as a federation, the
+config section, config agreement between parties, joining with backoff, and the CLI's refusals."""
+import threading
+import time
+
+import pytest
+
+from splitlora.config import ConfigError, load_config
+from splitlora.federation.client import join
+from splitlora.federation.grpc_transport import GrpcClientTransport, GrpcServerTransport
+from splitlora.federation.server import _gather
+from splitlora.federation.settings import check_federation_run, config_fingerprint
+from splitlora.transport import TransportError
+
+
+def _cfg(*overrides):
+    return load_config(None, ["data.tokenizer=tok.json", *overrides])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["strategy=fedlora"], "strategy=fedlora cannot run as a federation yet; supported: strategy splitlora"),
+    (["strategy=sl", "train.u_shape=true", "model.server_end=3"], "strategy=sl with train.u_shape"),
+    (["data.tokenizer=null"], "set data.tokenizer"),
+    (["federation.min_clients=5"], "federation.min_clients=5 is more than train.clients"),
+])
+def test_configs_a_federation_cannot_run_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        check_federation_run(_cfg(*overrides))
+
+
+def test_federation_section_is_validated():
+    with pytest.raises(ConfigError) as err:
+        _cfg("federation.listen=nowhere", "federation.chunk_bytes=10", "federation.wait_s=0",
+             "federation.min_clients=0", "federation.max_packet_bytes=5")
+    text = str(err.value)
+    for key in ("federation.listen", "federation.chunk_bytes", "federation.wait_s", "federation.min_clients",
+                "federation.max_packet_bytes"):
+        assert key in text
+    assert _cfg("federation.listen='[::1]:0'").federation.listen == "[::1]:0"
+
+
+def test_fingerprint_ignores_where_a_party_runs_but_not_what_it_trains():
+    base = config_fingerprint(_cfg())
+    assert config_fingerprint(_cfg("output_dir=elsewhere", "data.eval_path=e.jsonl", "device=auto",
+                                   "data.tokenizer=/other/tok.json", "federation.wait_s=5")) == base
+    assert config_fingerprint(_cfg("seed=1")) != base
+    assert config_fingerprint(_cfg("codec.bits=4")) != base
+
+
+def test_a_client_with_another_config_is_dropped(tmp_path):
+    server = GrpcServerTransport("127.0.0.1:0", insecure=True, timeout_s=10, log=lambda *_: None)
+    opened = [server]
+    try:
+        good = GrpcClientTransport(f"127.0.0.1:{server.port}", "good", insecure=True, hello={"config": "x"})
+        bad = GrpcClientTransport(f"127.0.0.1:{server.port}", "bad", insecure=True, hello={"config": "y"})
+        opened += [good, bad]
+        server.wait_for_clients(2, 10)  # both known before the server looks at their configs
+        done = {}
+        t = threading.Thread(target=lambda: done.setdefault("names", _gather(server, 1, 10, "x", print)), daemon=True)
+        t.start()
+        with pytest.raises(TransportError, match="config differs"):
+            bad.wait_welcome(10)
+        t.join(10)
+        assert done["names"] == ["good"]
+    finally:
+        for x in opened:
+            x.close(grace_s=0.2)
+
+
+def test_join_retries_until_the_server_is_up():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = {}
+
+    def late_server():
+        time.sleep(1.5)
+        server = GrpcServerTransport(f"127.0.0.1:{port}", insecure=True, timeout_s=10, log=lambda *_: None)
+        started["server"] = server
+        server.wait_for_clients(1, 20)
+        server.assign(["late"])
+
+    t = threading.Thread(target=late_server, daemon=True)
+    t.start()
+    logs = []
+    transport = None
+    try:
+        transport, welcome = join(lambda: GrpcClientTransport(f"127.0.0.1:{port}", "late", insecure=True), "x", 30,
+                                  logs.append, first_delay_s=0.2)
+        assert welcome["index"] == 0 and transport.me == "client0"
+        assert any("cannot be reached yet" in line for line in logs)
+    finally:
+        t.join(20)
+        if transport is not None:
+            transport.close(grace_s=0.2)
+        if "server" in started:
+            started["server"].close(grace_s=0.2)
+
+
+def test_join_gives_up_after_wait_s():
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="UNAVAILABLE"):
+        join(lambda: GrpcClientTransport("127.0.0.1:9", "x", insecure=True), "x", 1.5, lambda *_: None,
+             first_delay_s=0.2)
+    assert time.monotonic() - t0 < 10
+
+
+def test_cli_refusals(tmp_path, capsys):
+    from splitlora.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("strategy: fedlora\ndata: {tokenizer: tok.json}\n")
+    assert main(["server", "--config", str(config)]) == 2
+    assert "give --certs DIR" in capsys.readouterr().err
+    assert main(["client", "--config", str(config), "--server", "127.0.0.1:1", "--name", "a", "--insecure",
+                 "--certs", "x"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(["server", "--config", str(config), "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "supported: strategy splitlora" in err
