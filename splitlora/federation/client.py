@@ -42,6 +42,9 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
     data = data or cfg.data.train_path
     if data is None:
         raise ValueError("a client trains on its own data: give --data FILE (or set data.train_path in its config)")
+    if not Path(data).exists():
+        # Before connecting: a typo should not cost a wait for the server, nor a slot in its run.
+        raise ValueError(f"--data {data}: no such file or folder (this client's training data)")
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     f = cfg.federation

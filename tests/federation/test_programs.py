@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+from fed_testutil import write_config, write_data
 
 from splitlora.config import ConfigError, load_config
 from splitlora.federation.client import join
@@ -120,3 +121,17 @@ def test_cli_refusals(tmp_path, capsys):
     assert main(["server", "--config", str(config), "--insecure"]) == 2
     err = capsys.readouterr().err
     assert "supported: strategy splitlora" in err
+
+
+def test_a_client_with_a_missing_data_file_stops_before_connecting(tmp_path, capsys):
+    """A typo in --data is one line and exit 2 at once, not a wait for a server (none listens here)."""
+    from splitlora.cli import main
+
+    write_data(tmp_path)
+    config = write_config(tmp_path)
+    started = time.monotonic()
+    assert main(["client", "--config", str(config), "--server", "127.0.0.1:1", "--name", "a", "--insecure",
+                 "--data", str(tmp_path / "clinet0.jsonl")]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert "--data" in err and "clinet0.jsonl: no such file" in err
