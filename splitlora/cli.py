@@ -9,6 +9,7 @@
     splitlora export RUN_DIR OUT_DIR                 the run's adapters in PEFT format
     splitlora codec-demo                             the codec alone on a small model's smashed data
     splitlora certs DIR --clients a,b,c              a federation's CA and certificates
+    splitlora federation-example DIR                 a first federation on one machine (data, config, certs)
     splitlora server --config FILE --certs DIR       a federation's server (README, "A real federation")
     splitlora client --config FILE --server HOST:PORT --name NAME --certs DIR --data FILE
                                                      one client of a federation, with its own data
@@ -302,6 +303,17 @@ def _check_security(args: argparse.Namespace) -> None:
                          "for loopback tests only")
 
 
+def run_federation_example(args: argparse.Namespace) -> int:
+    from splitlora.federation.example import write_example
+
+    names = [n.strip() for n in args.clients.split(",") if n.strip()]
+    commands = write_example(args.dir, names, port=args.port)
+    print("start the server, then each client, each in its own terminal (or machine, see the README):")
+    for command in commands:
+        print(f"  {command}")
+    return 0
+
+
 def run_certs(args: argparse.Namespace) -> int:
     from splitlora.federation.certs import create_certs
 
@@ -415,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--output-dir", default=None, metavar="DIR",
                     help="this client's checkpoints (default: OUTPUT_DIR-NAME beside the config's output_dir)")
     cl.set_defaults(handler=run_client, subparser=cl, takes_overrides=True)
+
+    fx = sub.add_parser("federation-example", help="write a first federation on one machine: data, config, certificates",
+                        description="Writes into DIR one data file per client, the server's held-out file, a tokenizer, "
+                                    "run.yaml (the demo model) and the certificates, and prints the commands that run "
+                                    "the server and each client. Nothing is downloaded.")
+    fx.add_argument("dir", metavar="DIR")
+    fx.add_argument("--clients", default="a,b,c", help="client names, comma-separated (default a,b,c)")
+    fx.add_argument("--port", type=int, default=50051, help="the server's port on 127.0.0.1 (default 50051)")
+    fx.set_defaults(handler=run_federation_example, subparser=fx, takes_overrides=False)
 
     ce = sub.add_parser("certs", help="create a federation's CA and the server's and clients' certificates",
                         description="Writes ca.crt/ca.key, server.crt/server.key and client-<name>.crt/.key into DIR "

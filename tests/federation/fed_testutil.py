@@ -1,6 +1,5 @@
 """Helpers of the federation's multi-process tests: data files, a config, processes whose every
 wait is bounded."""
-import json
 import os
 import re
 import subprocess
@@ -14,20 +13,10 @@ WAIT_S = 240  # the longest any one phase may take before the test fails (and ki
 
 
 def write_data(folder: Path, clients=CLIENTS) -> None:
-    from splitlora.data.sources import load_dataset
-    from splitlora.data.tokenizers import WordTokenizer
+    """client<i>.jsonl (24 records each), eval.jsonl (12) and tokenizer.json, as the example writes them."""
+    from splitlora.federation.example import write_data as write_example_data
 
-    train, evals = load_dataset("synthetic", seed=0, num_eval=12, num_train=24 * len(clients))
-    for c in range(len(clients)):
-        with open(folder / f"client{c}.jsonl", "w") as f:
-            for e in train[c * 24:(c + 1) * 24]:
-                f.write(json.dumps({"prompt": e.source, "completion": e.target}) + "\n")
-    with open(folder / "eval.jsonl", "w") as f:
-        for e in evals:
-            f.write(json.dumps({"prompt": e.source, "completion": e.target}) + "\n")
-    # A fixed tokenizer file: a model built from a config would otherwise build its vocabulary from
-    # the training data, which each party of a federation sees only a part of.
-    WordTokenizer.from_texts([t for e in train + evals for t in (e.source, e.target)]).save(folder / "tokenizer.json")
+    write_example_data(folder, len(clients), per_client=24, num_eval=12)
 
 
 def write_config(folder: Path, clients=CLIENTS, federation: str = "{step_timeout_s: 60, wait_s: 120}") -> Path:
