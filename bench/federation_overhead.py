@@ -168,20 +168,11 @@ class Relay:
 
 # -- data, config, certificates ---------------------------------------------------------------------
 def write_inputs(folder: Path, clients: int, per_client: int) -> Path:
-    from splitlora.data.sources import load_dataset
-    from splitlora.data.tokenizers import WordTokenizer
     from splitlora.federation.certs import create_certs
+    from splitlora.federation.example import write_data
 
     folder.mkdir(parents=True, exist_ok=True)
-    train, evals = load_dataset("synthetic", seed=0, num_eval=16, num_train=per_client * clients)
-    for c in range(clients):
-        with open(folder / f"client{c}.jsonl", "w") as f:
-            for e in train[c * per_client:(c + 1) * per_client]:
-                f.write(json.dumps({"prompt": e.source, "completion": e.target}) + "\n")
-    with open(folder / "eval.jsonl", "w") as f:
-        for e in evals:
-            f.write(json.dumps({"prompt": e.source, "completion": e.target}) + "\n")
-    WordTokenizer.from_texts([t for e in train + evals for t in (e.source, e.target)]).save(folder / "tokenizer.json")
+    write_data(folder, clients, per_client=per_client, num_eval=16)
     import shutil
 
     shutil.rmtree(folder / "certs", ignore_errors=True)  # this script's own folder: fresh certificates each run

@@ -93,15 +93,7 @@ class _LedgerMixin:
     def combined_ledger(self) -> CommLedger:
         """What this process sent and received, in one ledger: on the server (the hub every packet
         passes through) that is every byte of the run."""
-        merged = CommLedger()
-        for ledger in (self.ledger, self.received):
-            for key, n in ledger.totals.items():
-                merged.totals[key] += n
-            for r, rows in ledger.by_round.items():
-                for key, n in rows.items():
-                    merged.by_round[r][key] += n
-            merged.messages += ledger.messages
-        return merged
+        return CommLedger.merged((self.ledger, self.received))
 
     def _take(self, inbox: "queue.Queue", who: str, kind: str, step: int, deadline_s: float) -> torch.Tensor:
         try:

@@ -70,6 +70,19 @@ class CommLedger:
         out["total"] = self.total()
         return out
 
+    @classmethod
+    def merged(cls, ledgers) -> "CommLedger":
+        """One ledger adding up several (a process's sent and received ledgers, for instance)."""
+        out = cls()
+        for ledger in ledgers:
+            for key, n in ledger.totals.items():
+                out.totals[key] += n
+            for r, rows in ledger.by_round.items():
+                for key, n in rows.items():
+                    out.by_round[r][key] += n
+            out.messages += ledger.messages
+        return out
+
     def state_dict(self) -> dict:
         return {
             "totals": [[c, d, k, n] for (c, d, k), n in self.totals.items()],

@@ -117,15 +117,7 @@ class DistTransport(Transport):
         packet passes through) that is every byte of the run."""
         from .base import CommLedger
 
-        merged = CommLedger()
-        for ledger in (self.ledger, self.received):
-            for key, n in ledger.totals.items():
-                merged.totals[key] += n
-            for r, rows in ledger.by_round.items():
-                for key, n in rows.items():
-                    merged.by_round[r][key] += n
-            merged.messages += ledger.messages
-        return merged
+        return CommLedger.merged((self.ledger, self.received))
 
     def flush(self) -> None:
         """Waits until every packet this process sent has left."""
