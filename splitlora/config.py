@@ -342,7 +342,7 @@ class FederationConfig:
 
     listen: str = "127.0.0.1:50051"  # the server's HOST:PORT (--listen overrides); loopback by default
     # Rounds start with this many clients connected, and the run ends when fewer remain for
-    # wait_s (plain splitlora; the other strategies need all); null: train.clients.
+    # wait_s (clients that drop out may rejoin at a later round's start); null: train.clients.
     min_clients: int | None = None
     # The first round waits for this many (null: min_clients): e.g. start with every client, then
     # go on with fewer. The others join at a later round's start.

@@ -673,7 +673,12 @@ class _Interrupts:
             self.signum = self._pending
             raise KeyboardInterrupt
 
-    def stopped(self, role: Optional[str]) -> RunInterrupted:
+    # What to do next, when nothing else is said: the run continues from its last checkpoint.
+    RESUME_ADVICE = "rerun the same command with resume=true"
+
+    def stopped(self, role: Optional[str], advice: str = RESUME_ADVICE) -> RunInterrupted:
+        """The RunInterrupted to raise; its message ends with `advice` (a federation client, which
+        does not resume on its own, says what it does instead)."""
         signum = self.signum or self._pending or signal.SIGINT
         checkpoint = self.checkpoint
         if checkpoint is _UNKNOWN:  # stopped before the run knew: the newest whole one on disk
@@ -694,7 +699,7 @@ class _Interrupts:
         last = (f"the last checkpoint is step {checkpoint} in {self.ckpt_dir}" if checkpoint is not None
                 else f"there is no checkpoint yet in {self.ckpt_dir}")
         message = (f"{role + ': ' if role else ''}interrupted ({signal.Signals(signum).name}) {where}; {last}: "
-                   "rerun the same command with resume=true")
+                   f"{advice}")
         return RunInterrupted(message, 128 + int(signum))
 
 
@@ -805,7 +810,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
             wall0 = time.perf_counter()
             before = _bytes_moved(transport) if is_server else 0
             result = strategy.train_step(step)
-            if is_server and not math.isfinite(result.loss):
+            if is_server and result.skipped is None and not math.isfinite(result.loss):
                 raise FloatingPointError(f"the training loss became {result.loss} at step {step}; lower train.lr "
                                          "or enable train.max_grad_norm")
             end_of_round = (step + 1) % t.aggregate_every == 0 or step + 1 == t.steps
@@ -823,14 +828,18 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
             round_sim += float(sim)
             if is_server:
                 moved = _bytes_moved(transport)
-                metrics.write({"type": "step", "step": step, "round": round_index, "loss": result.loss,
+                # A skipped step (a federation's step whose clients all dropped out) has no loss.
+                skipped = {"loss": None, "skipped": result.skipped} if result.skipped else {"loss": result.loss}
+                metrics.write({"type": "step", "step": step, "round": round_index, **skipped,
                                **_time_fields(totals),
                                "client_compute_s": result.client_compute_s,
                                "server_compute_s": result.server_compute_s,
                                "bytes": moved - before, "bytes_total": moved,
                                **result.extra})
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.3f}", sent=format_bytes(moved))
+                if result.skipped:
+                    log(f"step {step} skipped: {result.skipped}")
+                bar.set_postfix(loss="skipped" if result.skipped else f"{result.loss:.3f}", sent=format_bytes(moved))
                 if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                     eval0 = time.perf_counter()
                     last_eval = evaluate(strategy, built, generate=False)
@@ -883,7 +892,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
     _plot(metrics.read(), out / "loss.png", title=f"{cfg.strategy} ({_codec_name(cfg)})")
 
     ledger = _ledger(transport)
-    steps_losses = [r["loss"] for r in metrics.read() if r.get("type") == "step"]
+    steps_losses = [r["loss"] for r in metrics.read() if r.get("type") == "step" and r.get("loss") is not None]
     summary = {
         "strategy": cfg.strategy,
         "codec": _codec_name(cfg),
@@ -1118,7 +1127,7 @@ def _plot(records: List[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r for r in records if r.get("type") == "step"]
+    steps = [r for r in records if r.get("type") == "step" and r.get("loss") is not None]  # not the skipped
     evals = [r for r in records if r.get("type") == "eval"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train")

@@ -9,11 +9,18 @@ its adapters cross. It checkpoints every round in its own output folder.
 
 A client that connects to a running federation (late, or restarted after a crash) is told so in
 the welcome; it reports its samples and starts at the round the server admits it to, with the
-global adapters. In each round the server says whether it trains (federation.clients_per_round).
+global adapters. Its own earlier folder (`clients/<role>/` in its output folder, from an earlier
+attempt) is stale then, and it replaces it: rerunning the same command is enough. In each round
+the server says whether it trains (federation.clients_per_round).
 
-When the connection to the server breaks (the server crashed or is restarting), it tries to
-reconnect with exponential backoff for up to federation.wait_s, and continues from the newest
-round that it and the restarted server both have checkpointed.
+When the server drops it from a run that goes on (it missed federation.step_timeout_s, sent a
+packet that does not decode, its connection broke; the server says "dropped"), it rejoins by
+itself at a later round, at most train.steps times. When the connection to the server breaks
+(the server crashed or is restarting), it tries to reconnect with exponential backoff for up to
+federation.wait_s, and continues from the newest round that it and the restarted server both
+have checkpointed (or, if the server trained on, joins it as above). A server that ended the run
+("done", "aborted") or refuses this client ("refused": another config, a duplicate name, the run
+finished) ends it.
 """
 from __future__ import annotations
 
@@ -61,16 +68,23 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                                    keepalive_s=f.keepalive_s, hello={"config": fingerprint})
 
     transport, welcome = join(connect, server, f.wait_s, log)
+    # Automatic reconnections (after a drop or a broken connection). Each one that joins a running
+    # run starts at a later round, so train.steps of them cover any run; the bound keeps a client
+    # that the server keeps dropping (e.g. one always slower than step_timeout_s) from looping forever.
+    most = max(1, int(cfg.train.steps))
+    rejoins = 0
     try:
         while True:
             role = transport.me
+            joining, resume = bool(welcome.get("join")), bool(welcome.get("resume"))
             log(f"federation: client {name} joined {server} as {role} of {welcome['clients']}"
-                + (" (resuming)" if welcome.get("resume") else "")
-                + (" (the run is under way: it trains from the next round)" if welcome.get("join") else ""))
+                + (" (resuming)" if resume else "")
+                + (" (the run is under way: it trains from the next round)" if joining else ""))
+            if joining:
+                _replace_own_folder(cfg, role, name, log)
             # A client joining a running federation waits for the next round's start, up to a round.
-            ready_wait = f.wait_s + (cfg.train.aggregate_every + 1) * timeout_s if welcome.get("join") else f.wait_s
-            run_cfg = dataclasses.replace(cfg, resume=bool(welcome.get("resume")),
-                                          overwrite=cfg.overwrite and not welcome.get("resume"))
+            ready_wait = f.wait_s + (cfg.train.aggregate_every + 1) * timeout_s if joining else f.wait_s
+            run_cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite and not resume)
             try:
                 _run(run_cfg, role, transport, ClientData(data, int(welcome["index"]), int(welcome["clients"]),
                                                            on_ready=_ready(transport, name, ready_wait)),
@@ -78,13 +92,47 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                 log(f"federation: client {name} finished its {cfg.train.steps} steps")
                 return 0
             except TransportError as err:
-                if transport.server_ended is not None and transport.server_ended.get("type") != "paused":
-                    raise  # the server ended the run on purpose: nothing to rejoin
-                log(f"federation: client {name} lost the server ({err}); reconnecting for up to {f.wait_s:g} s")
+                ended = transport.server_ended
+                kind = None if ended is None else ended.get("type")
+                if kind not in (None, "paused", "dropped"):
+                    raise  # the server ended the run, or refuses this client: nothing to rejoin
+                if rejoins >= most:
+                    raise TransportError(f"client {name} gave up after {rejoins} automatic reconnections (at most "
+                                         f"train.steps={most}); the last: {ended.get('reason') if ended else err}"
+                                         ) from None
+                rejoins += 1
+                if kind == "dropped":
+                    log(f"federation: client {name} was dropped by the server ({ended.get('reason', 'no reason given')}"
+                        f"); it rejoins the running federation (rejoin {rejoins} of at most {most}), trying for up "
+                        f"to {f.wait_s:g} s")
+                else:
+                    log(f"federation: client {name} lost the server ({err}); reconnecting for up to {f.wait_s:g} s")
                 transport.close(grace_s=0)
                 transport, welcome = join(connect, server, f.wait_s, log)
     finally:
         transport.close()
+
+
+def _replace_own_folder(cfg, role: str, name: str, log) -> None:
+    """A client joining a running run starts afresh, at the round the server admits it to, with the
+    global adapters: what its own earlier attempt left in `clients/<role>/` is stale, and would make
+    prepare_output_dir refuse the rerun of the same command. It is deleted here (prepare_output_dir
+    with overwrite=true and a client role deletes that folder only, never the server's files nor
+    other clients')."""
+    from ..preflight import prepare_output_dir, run_evidence
+
+    if not run_evidence(cfg.output_dir, role):
+        return
+    prepare_output_dir(dataclasses.replace(cfg, resume=False, overwrite=True), role, log=lambda _: None)
+    log(f"federation: client {name} joins the running run afresh as {role}: replaced its earlier folder "
+        f"{Path(cfg.output_dir) / 'clients' / role} (an earlier attempt's checkpoints; the server's global "
+        f"adapters take their place)")
+
+
+# What an interrupted client does next: it does not resume on its own (the server decides where
+# the run is), it rejoins it.
+CLIENT_ADVICE = ("rerun the same command (a running server admits it at its next round; a server restarted "
+                 "with resume=true resumes it)")
 
 
 def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls) -> None:
@@ -94,20 +142,21 @@ def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls) ->
             train(cfg, role, progress=False, log=log, interrupts=interrupts, transport=transport,
                   federation=federation, agree_resume=agree)
         except KeyboardInterrupt:
-            stop = interrupts.stopped(role)
+            stop = interrupts.stopped(role, CLIENT_ADVICE)
             print(stop.message, file=sys.stderr, flush=True)
             raise stop from None
 
 
 def _ready(transport, name: str, wait_s: float):
-    def ready(samples: int) -> Optional[int]:
-        """Reports the sample count; returns the step to start at when joining a running federation."""
+    def ready(samples: int) -> dict:
+        """Reports the sample count; returns the server's start message (its "step": where a client
+        joining a running federation starts; its "samples", if any: every client's count)."""
         transport.send_control({"type": "ready", "samples": samples})
         message = transport.control(wait_s)
         if message.get("type") != "start":
             raise TransportError(f"client {name}: the server did not start the run: "
                                  f"{message.get('reason', message.get('type'))}")
-        return message.get("step")
+        return message
     return ready
 
 

@@ -66,12 +66,16 @@ class _Absent:
 
 
 class ClientData:
+    """`on_ready(samples)`: reports this client's sample count once its loader exists, and returns
+    the server's "start" message ({"type": "start", "step": where a joining client starts, "samples":
+    every client's count, when the server sends them}) or None."""
+
     def __init__(self, path: str, index: int, clients: int, *,
-                 on_ready: Optional[Callable[[int], None]] = None) -> None:
+                 on_ready: Optional[Callable[[int], Optional[dict]]] = None) -> None:
         self.path, self.index, self.clients = str(path), int(index), int(clients)
         self.on_ready = on_ready
-        # A client that joins a running federation: the step it starts at (what on_ready returns,
-        # from the server's "start" message); None for one that starts with the run.
+        # A client that joins a running federation: the step it starts at (from the server's
+        # "start" message); None for one that starts with the run.
         self.start_step: Optional[int] = None
 
     def records(self, d, seed: int):
@@ -99,7 +103,17 @@ class ClientData:
         loaders = [own if c == self.index else _Absent(c) for c in range(self.clients)]
         shards = [range(len(own)) if c == self.index else range(1) for c in range(self.clients)]
         if self.on_ready is not None:
-            self.start_step = self.on_ready(len(own))
+            start = self.on_ready(len(own)) or {}
+            self.start_step = start.get("step")
+            counts = start.get("samples")
+            if (isinstance(counts, list) and len(counts) == self.clients
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts)):
+                # The other clients' sample counts, when the server sends them: the DP sample rates
+                # (batch / examples) of every client, as in the in-process run. privacy.epsilon sets
+                # the noise multiplier from the largest one; with the placeholders' rate of 1 this
+                # client would add more noise than the server accounts for.
+                loaders = [own if c == self.index else _Absent(c, n, cfg.train.batch_size)
+                           for c, n in enumerate(counts)]
         return shards, loaders, train_data.seq_len
 
 

@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 METHOD = "/splitlora.federation.Federation/Connect"
 PROTOCOL = 1
+# The server's last word on a client's stream: the run is over ("done"), it failed ("aborted"), it
+# was interrupted and may be resumed ("paused"), this client cannot take part ("refused"), or this
+# client was dropped from a run that goes on and that it may rejoin ("dropped").
+ENDINGS = ("done", "aborted", "paused", "refused", "dropped")
 
 
 def channel_options(chunk_bytes: int, keepalive_s: float) -> list:
@@ -140,7 +144,7 @@ class GrpcServerTransport(_LedgerMixin, Transport):
         self.refusals: List[str] = []
         self.closed_to_new = False  # set once the run's clients are chosen (assign)
         # Once the run started, a client may still join (or come back) when this is set (by the
-        # server program, for the strategies that admit clients at a round's start): it is
+        # server program, whose strategies admit clients at a round's start): it is
         # welcomed at once, waits as "pending" until the server's next round admits it (`admit`).
         self.joinable = False
         self.fingerprint: Optional[str] = None  # the config digest a joining client must match
@@ -445,8 +449,13 @@ class GrpcServerTransport(_LedgerMixin, Transport):
             self._drop_peer(peer, reason)
 
     def _drop_peer(self, peer: _Peer, reason: str) -> None:
+        # While the run takes clients in (`joinable`), a dropped client may come back at a later
+        # round's start, so it is told "dropped" (it rejoins by itself); otherwise rejoining is
+        # pointless (a config mismatch, the run finished or is still gathering its first clients)
+        # and it is told "refused" (it stops).
+        kind = "dropped" if self.joinable else "refused"
         self._log(f"federation: dropped client {peer.name}: {reason}")
-        peer.outbox.put(encode_control({"type": "refused", "reason": reason}))
+        peer.outbox.put(encode_control({"type": kind, "reason": reason}))
         self._ended(peer, f"dropped: {reason}")
 
     # -- Transport ----------------------------------------------------------------------------
@@ -522,8 +531,8 @@ class GrpcClientTransport(_LedgerMixin, Transport):
         self._fault = None
         self._stall_step: Optional[int] = None
         self._closed = threading.Event()  # set when the stream has ended
-        # The server's last word ({"type": "done" | "aborted" | "paused" | "refused", ...}), None
-        # while it has said nothing (a connection that just broke: the server may come back).
+        # The server's last word ({"type": one of ENDINGS, ...}), None while it has said nothing
+        # (a connection that just broke: the server may come back).
         self.server_ended: Optional[dict] = None
         threading.Thread(target=self._read, daemon=True, name="federation-read").start()
 
@@ -544,7 +553,7 @@ class GrpcClientTransport(_LedgerMixin, Transport):
                 got = stream.feed(message)
                 if isinstance(got, Control):
                     self._controls.put(got.message)
-                    if got.message.get("type") in ("done", "refused", "aborted", "paused"):
+                    if got.message.get("type") in ENDINGS:
                         self.server_ended = got.message
                         reason = (f"the server ended the connection ({got.message.get('type')}"
                                   + (f": {got.message['reason']}" if got.message.get("reason") else "") + ")")

@@ -5,7 +5,7 @@ that failed (disconnected, missed federation.step_timeout_s, or sent a packet th
 decode) with `drop()`: the client leaves the run, its unfinished step is discarded, the round's
 FedAvg runs over the clients that finished (`weights()`: their sample counts, renormalised by
 fedavg), and training goes on. Without `wait_s` the run ends as soon as fewer than `min_clients`
-remain; with it (a federation's plain splitlora) clients may come back (`rejoin`) and the server
+remain; with it (a federation's server) clients may come back (`rejoin`) and the server
 waits up to wait_s at a round's start for min_clients. `events()` and `joins()` hand what
 happened to the metrics.
 

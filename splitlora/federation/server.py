@@ -8,11 +8,12 @@ transport=dist does (trainer._train with role "server"), over the gRPC transport
 the clients' training data: it evaluates on data.eval_path (or the synthetic task's held-out
 stream).
 
-Plain splitlora takes clients in while it runs: the first round starts once
-federation.start_clients (default min_clients) are connected; a client that connects later, or
-comes back after a drop or a crash (same certificate name, same index), is welcomed at once and
-admitted at the next round's start (`_admit`, called by SplitLoRA's round start), and each round
-trains a seeded sample of the clients in the run (federation.clients_per_round).
+It takes clients in while it runs: the first round starts once federation.start_clients (default
+min_clients) are connected; a client that connects later, or comes back after a drop or a crash
+(same certificate name, same index), is welcomed at once and admitted at the next round's start
+(`_admit`, called at a round's start by the strategy: splitlora.strategies.rounds), and each round
+of SplitLoRA (plain or U-shaped) trains a seeded sample of the clients in the run
+(federation.clients_per_round). Vanilla SL's rounds are its steps.
 
 Restarting it with resume=true continues from its last checkpoint: the clients, which keep
 trying to reconnect, rejoin, and every party goes back to the newest round that all of them have
@@ -48,10 +49,9 @@ def run_server(cfg, *, listen: Optional[str] = None, certs_dir=None, insecure: b
     transport = GrpcServerTransport(listen, certs_dir=certs_dir, insecure=insecure, timeout_s=f.step_timeout_s,
                                     max_packet_bytes=f.max_packet_bytes, chunk_bytes=f.chunk_bytes,
                                     keepalive_s=f.keepalive_s, max_clients=max(2 * n, 8), log=log)
-    # Plain splitlora takes clients in at a round's start: the run starts with min_clients and
-    # clients may (re)join later. The other strategies need every client from the start to the end.
-    joinable = cfg.strategy == "splitlora" and not cfg.train.u_shape
-    first = (f.start_clients or f.min_clients or n) if joinable else n
+    # Clients are taken in at a round's start (splitlora.strategies.rounds): the run starts with
+    # start_clients (default min_clients) and clients may (re)join later.
+    first = f.start_clients or f.min_clients or n
     log(f"federation server listening on {transport.address} ({'insecure' if insecure else 'mutual TLS'}); "
         f"waiting up to {f.wait_s:g} s for {first} client(s)")
     fingerprint = config_fingerprint(cfg)
@@ -62,7 +62,7 @@ def run_server(cfg, *, listen: Optional[str] = None, certs_dir=None, insecure: b
         with interrupts:
             try:
                 names = _gather(transport, first, f.wait_s, fingerprint, log, most=n)
-                transport.joinable = joinable
+                transport.joinable = True
                 transport.assign(names, welcome={"config": fingerprint, "resume": bool(cfg.resume)})
                 # The strategy asks it which clients are still in, and reports the ones that fail
                 # (SplitLoRA._server_step); a dropped client's connection is closed with the reason.
@@ -70,8 +70,11 @@ def run_server(cfg, *, listen: Optional[str] = None, certs_dir=None, insecure: b
                 all_names = list(names) + [client_name(i) for i in range(len(names), n)]
                 members = Membership(n, min_clients=f.min_clients or n, names=all_names,
                                      on_drop=lambda c, reason: transport.drop(members.names[c], reason),
-                                     active=range(len(names)), wait_s=f.wait_s if joinable else None)
-                members.admit = lambda step: _admit(transport, members, step, log)
+                                     active=range(len(names)), wait_s=f.wait_s)
+                # Every client's sample count as the run started (what the server's privacy accounting
+                # uses): the start message of each client, joiners included, carries it.
+                start_counts: List[int] = []
+                members.admit = lambda step: _admit(transport, members, step, log, start_counts)
                 members.finish = lambda: transport.close_to_joiners("the run has finished its last round")
                 transport.membership = members
                 parties = [client_name(i) for i in range(len(names))]
@@ -91,11 +94,15 @@ def run_server(cfg, *, listen: Optional[str] = None, certs_dir=None, insecure: b
                         raise TransportError(f"clients reported no usable sample count: {', '.join(bad)}")
                     log("federation: clients " + ", ".join(f"{p}={name} ({c} samples)"
                                                            for p, name, c in zip(parties, names, counts)))
-                    for p in parties:
-                        transport.send_control(p, {"type": "start"})
                     # An absent client's FedAvg weight is set when it joins (SplitLoRA._admit); until
                     # then it is in no round.
-                    return counts + [1] * (n - len(counts))
+                    everyone = start_counts[:] = counts + [1] * (n - len(counts))
+                    # Every client's count goes with the start: privacy.epsilon sets the noise
+                    # multiplier from the largest sample rate (batch / examples) of all clients, and
+                    # each client must add the noise the server accounts for (federation.data.ClientData).
+                    for p in parties:
+                        transport.send_control(p, {"type": "start", "samples": everyone})
+                    return everyone
 
                 return _train(cfg, SERVER, progress=progress, log=log, interrupts=interrupts, transport=transport,
                               federation=ServerData(samples), agree_resume=agree)
@@ -120,9 +127,10 @@ def _expect(transport, party: str, kind: str, wait_s: float) -> dict:
     return message
 
 
-def _admit(transport, members, step: int, log) -> dict:
+def _admit(transport, members, step: int, log, start_counts: List[int]) -> dict:
     """The clients that joined the running federation and are ready, admitted to the round that
-    starts at `step`: {index: sample count}. Called by the strategy at each round's start."""
+    starts at `step`: {index: sample count}. Called by the strategy at each round's start. Their
+    start message carries `start_counts` (every client's sample count as the run started)."""
     admitted = {}
     for party, name in transport.pending().items():
         message = transport.poll_pending(party)
@@ -137,7 +145,7 @@ def _admit(transport, members, step: int, log) -> dict:
         if c in members.training():  # its earlier connection is gone without the server noticing yet
             members.drop(c, step, f"{name} connected again")
         transport.admit(party)
-        transport.send_control(party, {"type": "start", "step": step})
+        transport.send_control(party, {"type": "start", "step": step, "samples": start_counts})
         members.rejoin(c, name, step)
         log(f"federation: client {name} joins as {party} at step {step} ({samples} samples)")
         admitted[c] = samples

@@ -72,14 +72,19 @@ def check_federation_run(cfg) -> None:
     if cfg.strategy == "sl" and cfg.train.clients < 2:
         raise ValueError("strategy=sl with one client never sends its adapters to the server, which could then "
                          "not export them; use two clients or more, or strategy=splitlora")
-    if cfg.train.u_shape and cfg.federation.clients_per_round is not None:
-        raise ValueError("federation.clients_per_round with train.u_shape cannot run as a federation yet (the server "
-                         "samples clients for plain splitlora only); set it to null, or run it with `splitlora train`")
     if cfg.model.config is not None and cfg.data.tokenizer is None:
         raise ValueError("model.config builds its word tokenizer from the training data, which differs between "
                          "the server and each client in a federation; set data.tokenizer (or use a saved model, "
                          "model.path / model.name, with its tokenizer)")
     min_clients = cfg.federation.min_clients
+    first = cfg.federation.start_clients or min_clients or cfg.train.clients
+    if cfg.privacy.epsilon is not None and first < cfg.train.clients:
+        # The noise multiplier for a target epsilon comes from the largest sample rate (batch /
+        # examples) of all clients, fixed at the start; a client absent then has no count yet.
+        raise ValueError(f"privacy.epsilon sets the noise from every client's sample count at the start, but the run "
+                         f"would start with {first} of {cfg.train.clients} clients (federation.start_clients / "
+                         f"min_clients); set federation.start_clients to {cfg.train.clients}, or give "
+                         f"privacy.noise_multiplier instead of privacy.epsilon")
     if min_clients is not None and min_clients > cfg.train.clients:
         raise ValueError(f"federation.min_clients={min_clients} is more than train.clients ({cfg.train.clients}); "
                          f"set it to at most train.clients, or null (all of them)")

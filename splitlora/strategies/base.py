@@ -52,6 +52,9 @@ class StepResult:
     server_compute_s: float = 0.0    # measured
     sim_time_s: float = 0.0          # the time model's wall time of the step
     extra: Dict[str, float] = field(default_factory=dict)
+    # Why the step trained nothing (a federation step whose clients all dropped out); its loss is
+    # then no number and is recorded as null.
+    skipped: Optional[str] = None
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

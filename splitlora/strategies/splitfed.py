@@ -13,7 +13,7 @@ client's update does not depend on how many others share the server's batch.
 """
 from __future__ import annotations
 
-import time
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -22,7 +22,6 @@ from torch import nn
 from ..adapters import (adapter_state, clone_sharing_frozen, load_adapter_state, lora_plan,
                         whole_model_names)
 from ..aggregate import fedavg
-from ..federation.membership import sample_clients
 from ..memory import most_demanding, side_memory
 from ..privacy.adapters import privatize_update
 from ..privacy.settings import PrivacyRuntime
@@ -32,6 +31,7 @@ from ..transport import SERVER, TransportError, client_name, is_client_process
 from ..wire import EncodeWorker, pack_tensors, unpack_tensors
 from .base import (Side, StepResult, Strategy, Timer, causal_lm_loss, concat_right_padded, mask_kwargs,
                    mask_meta)
+from .rounds import FAILED, RoundsMixin
 
 
 def client_parts(head: nn.Module, tail: Optional[nn.Module]) -> nn.ModuleDict:
@@ -42,7 +42,7 @@ def client_parts(head: nn.Module, tail: Optional[nn.Module]) -> nn.ModuleDict:
     return parts
 
 
-class _SplitBase(Strategy):
+class _SplitBase(RoundsMixin, Strategy):
     def __init__(self, setup, parts: List[nn.ModuleDict]) -> None:
         super().__init__(setup)
         self.u_shape = bool(self.cfg.train.u_shape)
@@ -70,6 +70,16 @@ class _SplitBase(Strategy):
             self.privacy = PrivacyRuntime(self.cfg, [min(1.0, l.batch_size / len(l)) for l in setup.loaders])
         # The global client adapters of the last average: what an adapter update is measured from.
         self._adapter_base = adapter_state(parts[0]) if self.privacy is not None and self.privacy.adapters else None
+        # federation.clients_per_round: the clients that train in the current round (a seeded sample
+        # of those available, splitlora.strategies.rounds). None in the in-process run without
+        # sampling (every client, every round).
+        self._sampling = self.cfg.federation.clients_per_round is not None
+        self.round_clients: Optional[List[int]] = None
+        # The clients that hold the current global adapters. One outside it (it sat out the last
+        # average, or it joined since) is sent them before it next trains: the non-sampled clients
+        # of a round get the round's average when they are next sampled, not at once.
+        self._fresh = set(range(n))
+        self._trains_this_round = True  # a federation client: whether the server sampled it
 
     # -- flops ------------------------------------------------------------------------------------
     def _flops(self, what: str, batch: int, seq_len: int) -> float:
@@ -259,7 +269,8 @@ class _SplitBase(Strategy):
             middle = server_fwd + max(tail_sim.values()) + server_fwd
         else:
             middle = tm.server_compute(train_flops(self._flops("server", server_batch, longest)))
-        phase_down = max(tm.transfer(grad_bytes[c]) + head_fwd[c] for c in group)
+        # A client dropped before its gradients went down received none.
+        phase_down = max(tm.transfer(grad_bytes.get(c, 0)) + head_fwd[c] for c in group)
         return phase_up + middle + phase_down
 
     # -- one exchange across the cut, every party in this process -------------------------------------
@@ -298,20 +309,23 @@ class _SplitBase(Strategy):
             losses.append(loss)
             tail_flops = self._flops("tail", sizes[0], self._step_lengths[group.index(c)])
             tail_sim[c] = (tm.transfer(down[c]) + tm.client_compute(train_flops(tail_flops)) + tm.transfer(up))
-        futures = self._u_server_finish(step, group, received, h_all, sizes, out)
+        futures, _ = self._u_server_finish(step, group, received, h_all, sizes, out)
         return losses, sizes, futures, tail_sim
 
     # The U-shape's three phases, each run by the party that owns it (together in _u_shape_middle).
-    def _u_server_down(self, step, group, received, metas):
-        """The server's forward; the activations at server_end go down to each client."""
+    def _u_server_down(self, step, group, received, metas, members=None):
+        """The server's forward; the activations at server_end go down to each client (a client
+        that fails is dropped, in a federation: `members`)."""
         with self.rng(SERVER), self._server_timer:
             with self._server_meter(received):
                 h_all, sizes, out = self._server_forward(received, metas)
             down = {}
             for c, o, r in zip(group, out.split(sizes), received):
                 packet = self.act_down[c].encode(o[:, :r.shape[1]].detach())
-                self.transport.send(SERVER, client_name(c), "activations", step, packet)
-                down[c] = packet.numel()
+                sent = self._attempt(members, c, step, lambda c=c, packet=packet: self.transport.send(
+                    SERVER, client_name(c), "activations", step, packet))
+                if sent is not FAILED:
+                    down[c] = packet.numel()
         return h_all, sizes, out, down
 
     def _u_client_tail(self, c: int, step: int):
@@ -332,21 +346,35 @@ class _SplitBase(Strategy):
         transport.send(name, SERVER, "gradients", step, packet)
         return loss.detach(), packet.numel()
 
-    def _u_server_finish(self, step, group, received, h_all, sizes, out):
-        """The server's backward from the clients' gradients; the futures of each client's gradient at the cut."""
-        n_group = len(group)
+    def _u_server_finish(self, step, group, received, h_all, sizes, out, members=None):
+        """The server's backward from the clients' gradients: (the futures of each client's
+        gradient at the cut, the clients that sent theirs). In a federation (`members`) a client
+        that fails is dropped and its rows get no gradient: the server's update is that of the
+        clients that finished the step (none: it does not update)."""
         self._tail_up_bytes = {}
         with self.rng(SERVER), self._server_timer:
-            grads = []
-            for c in group:
-                packet = self.transport.recv(SERVER, client_name(c), "gradients", step)
-                self._tail_up_bytes[c] = packet.numel()
-                grads.append(self._decode_from(c, step, "gradients", lambda: self.grad_up[c].decode(
-                    packet, out.dtype, self.device)))
-            out.backward(concat_right_padded(grads) / n_group)
+            grads, finished = [], []
+            for c, o, r in zip(group, out.split(sizes), received):
+                g = FAILED
+                if members is None or c in members.training():
+                    g = self._attempt(members, c, step, lambda c=c: self._recv_tail_gradient(c, step, out.dtype))
+                if g is FAILED:
+                    g = torch.zeros_like(o[:, :r.shape[1]])
+                else:
+                    finished.append(c)
+                grads.append(g)
+            if not finished:
+                return {}, []
+            k = len(finished)
+            out.backward(concat_right_padded(grads) / k)
             self.server_side.step()
             return {c: self.encoder.submit(self.grad_down[c], g[:, :r.shape[1]])
-                    for c, g, r in zip(group, (h_all.grad * n_group).split(sizes), received)}
+                    for c, g, r in zip(group, (h_all.grad * k).split(sizes), received) if c in finished}, finished
+
+    def _recv_tail_gradient(self, c: int, step: int, dtype):
+        packet = self.transport.recv(SERVER, client_name(c), "gradients", step)
+        self._tail_up_bytes[c] = packet.numel()
+        return self._decode_from(c, step, "gradients", lambda: self.grad_up[c].decode(packet, dtype, self.device))
 
     # -- evaluation and export ------------------------------------------------------------------------
     def _global_client_state(self) -> Dict[str, torch.Tensor]:
@@ -397,8 +425,7 @@ class _SplitBase(Strategy):
         }
         if self.privacy is not None:
             state["privacy"] = {**self.privacy.state_dict(), "adapter_base": self._adapter_base}
-        if hasattr(self, "_fresh") and (self._sampling or getattr(self.transport, "membership", None) is not None):
-            state["fresh"] = sorted(self._fresh)  # who holds the global adapters (SplitLoRA's sampling)
+        state.update(self._rounds_state())
         if not is_client_process(self.role):  # a client process holds no server weights (trainer.build)
             state["server"] = adapter_state(self.server)
             state["server_side"] = self.server_side.state_dict()
@@ -437,38 +464,6 @@ class SplitLoRA(_SplitBase):
                               clone_sharing_frozen(setup.tail) if setup.tail is not None else None)
                  for _ in range(n)]
         super().__init__(setup, parts)
-        # federation.clients_per_round: the clients that train in the current round (a seeded sample
-        # of those available, splitlora.federation.membership.sample_clients). None in the
-        # in-process run without sampling (every client, every round).
-        self._sampling = self.cfg.federation.clients_per_round is not None
-        self.round_clients: Optional[List[int]] = None
-        # The clients that hold the current global adapters. One outside it (it sat out the last
-        # average, or it joined since) is sent them before it next trains: the non-sampled clients
-        # of a round get the round's average when they are next sampled, not at once.
-        self._fresh = set(range(n))
-        self._trains_this_round = True  # a federation client: whether the server sampled it
-
-    def _new_round(self, step: int) -> bool:
-        return step % self.cfg.train.aggregate_every == 0 or self.round_clients is None
-
-    def _sample(self, step: int, available: Sequence[int]) -> List[int]:
-        self.round_clients = sample_clients(available, self.cfg.federation.clients_per_round, self.cfg.seed,
-                                            step // self.cfg.train.aggregate_every)
-        return self.round_clients
-
-    def _local_round_start(self, step: int) -> float:
-        """In-process sampling: draws the round's clients and sends the global adapters to those
-        that lack them (counted as a federation would send them); the simulated seconds."""
-        sample = self._sample(step, range(self.num_clients))
-        down = 0
-        for c in sample:
-            if c not in self._fresh:
-                # In one process every client's copy already holds the global adapters (end_round
-                # loads them into all); this is the transfer a real client would need.
-                down = max(down, self._send_adapters(SERVER, client_name(c), step, adapter_state(self.parts[c])))
-                load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
-                self._fresh.add(c)
-        return self.time_model.transfer(down) if down else 0.0
 
     def train_step(self, step: int) -> StepResult:
         if self.role is None:
@@ -483,26 +478,90 @@ class SplitLoRA(_SplitBase):
         c = int(self.role[len("client"):])
         return self._client_step_u_shape(c, step) if self.u_shape else self._client_step(c, step)
 
-    # -- the U-shape, one party per process (a federation) -------------------------------------------
-    def _server_step_u_shape(self, step: int) -> StepResult:
-        tm = self.time_model
-        group = list(range(self.num_clients))
+    # -- one party per process (transport=dist, a federation) ------------------------------------------
+    # A federation's server has a membership (splitlora.strategies.rounds): a client that fails is
+    # dropped and the step goes on with the others; without one, any failure stops the run.
+    def _server_step(self, step: int) -> StepResult:
+        members = self._members()
+        group, start_sim = self._step_group(step, members)
         self._begin_step(group)
-        received, metas = self._server_receive(step, group)
-        h_all, sizes, out, down = self._u_server_down(step, group, received, metas)
-        futures = self._u_server_finish(step, group, received, h_all, sizes, out)
-        grad_bytes = {c: self._send_down(c, step, futures[c]) for c in group}
-        # The loss is computed where the labels are, on each client, which reports its value (a
-        # figure for the metrics, outside the protocol's packets and their byte counts).
-        losses = [torch.tensor(self.transport.recv_report(client_name(c), "loss", step), dtype=torch.float32)
-                  for c in group]
-        tail_sim = {c: tm.transfer(down[c]) + tm.client_compute(train_flops(self._flops("tail", sizes[0], length)))
-                    + tm.transfer(self._tail_up_bytes[c]) for c, length in zip(group, self._step_lengths)}
+        received, metas, group = self._receive_from(step, group, members)
+        if not group:
+            return self._skipped_step(step, members, "every client of the step dropped out", start_sim)
+        losses, sizes, grads = self._server_compute(step, group, received, metas)
+        grad_bytes = {}
+        for c in group:
+            sent = self._attempt(members, c, step, lambda c=c: self._send_down(c, step, grads[c]))
+            if sent is not FAILED:
+                grad_bytes[c] = sent
         self.transport.flush()
         return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
-                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes, tail_sim))
+                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes) + start_sim,
+                          extra=self._member_events(members))
+
+    def _client_step(self, c: int, step: int) -> StepResult:
+        if not self._client_round(c, step):
+            return StepResult(loss=float("nan"))
+        self._begin_step([c])
+        self._send_up(c, step, *self._client_forward(c, step))
+        self._client_finish(c, step, self.transport.recv(client_name(c), SERVER, "gradients", step))
+        self.transport.flush()
+        return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)
+
+    def _client_round(self, c: int, step: int) -> bool:
+        """Whether client c trains in `step`; at a federation round's start the server says so, and
+        sends the global adapters first when it sat out the last average or has just joined."""
+        message = self._client_round_start(c, step)
+        if message.get("adapters"):
+            load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
+            if self._adapter_base is not None:
+                self._adapter_base = adapter_state(self.parts[c])
+        return self._trains_this_round
+
+    # -- the U-shape, one party per process --------------------------------------------------------------
+    def _server_step_u_shape(self, step: int) -> StepResult:
+        tm = self.time_model
+        members = self._members()
+        group, start_sim = self._step_group(step, members)
+        self._begin_step(group)
+        received, metas, group = self._receive_from(step, group, members)
+        if not group:
+            return self._skipped_step(step, members, "every client of the step dropped out", start_sim)
+        h_all, sizes, out, down = self._u_server_down(step, group, received, metas, members)
+        futures, finished = self._u_server_finish(step, group, received, h_all, sizes, out, members)
+        if not finished:
+            return self._skipped_step(step, members, "every client of the step dropped out before sending its "
+                                                     "gradients", start_sim)
+        grad_bytes = {}
+        for c in finished:
+            sent = self._attempt(members, c, step, lambda c=c: self._send_down(c, step, futures[c]))
+            if sent is not FAILED:
+                grad_bytes[c] = sent
+        # The loss is computed where the labels are, on each client, which reports its value (a
+        # figure for the metrics, outside the protocol's packets and their byte counts).
+        losses = []
+        for c in finished:
+            if members is not None and c not in members.training():
+                continue
+            loss = self._attempt(members, c, step, lambda c=c: self.transport.recv_report(client_name(c), "loss", step))
+            if loss is not FAILED:
+                losses.append(torch.tensor(loss, dtype=torch.float32))
+        length = dict(zip(group, self._step_lengths))
+        tail_sim = {c: tm.transfer(down.get(c, 0)) + tm.client_compute(train_flops(self._flops("tail", sizes[0],
+                                                                                               length[c])))
+                    + tm.transfer(self._tail_up_bytes.get(c, 0)) for c in group}
+        self.transport.flush()
+        sim = self._simulated_step(group, sizes[0], sum(sizes), grad_bytes, tail_sim) + start_sim
+        if not losses:  # the server trained on the step, but no client lived to report its loss
+            return StepResult(loss=math.nan, server_compute_s=self._server_timer.elapsed, sim_time_s=sim,
+                              skipped=f"no client reported its loss of step {step}",
+                              extra=self._member_events(members))
+        return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
+                          sim_time_s=sim, extra=self._member_events(members))
 
     def _client_step_u_shape(self, c: int, step: int) -> StepResult:
+        if not self._client_round(c, step):
+            return StepResult(loss=float("nan"))
         name = client_name(c)
         self._begin_step([c])
         self._send_up(c, step, *self._client_forward(c, step))
@@ -512,116 +571,7 @@ class SplitLoRA(_SplitBase):
         self.transport.flush()
         return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)
 
-    # -- one party per process (transport=dist) ------------------------------------------------------
-    def _server_step(self, step: int) -> StepResult:
-        # A federation's server (splitlora.federation) has a membership: a client that fails is
-        # dropped and the step goes on with the others; without one, any failure stops the run.
-        members = getattr(self.transport, "membership", None)
-        start_sim = 0.0
-        if members is None:
-            group = list(range(self.num_clients))
-        else:
-            if self._new_round(step):
-                start_sim = self._server_round_start(step, members)
-            group = [c for c in self.round_clients if c in members.training()]
-        self._begin_step(group)
-        if members is None:
-            received, metas = self._server_receive(step, group)
-        else:
-            received, metas, kept = [], [], []
-            for c in group:
-                try:
-                    (r,), (m,) = self._server_receive(step, [c])
-                except TransportError as err:
-                    members.drop(c, step, str(err))
-                    continue
-                received.append(r)
-                metas.append(m)
-                kept.append(c)
-            group = kept
-            if not group:
-                raise TransportError(f"every client sampled for round {step // self.cfg.train.aggregate_every} "
-                                     f"dropped out by step {step}; nothing is left to train on this round")
-        losses, sizes, grads = self._server_compute(step, group, received, metas)
-        grad_bytes = {}
-        for c in group:
-            try:
-                grad_bytes[c] = self._send_down(c, step, grads[c])
-            except TransportError as err:
-                if members is None:
-                    raise
-                members.drop(c, step, str(err))
-        self.transport.flush()
-        extra = {"dropped": members.events(), "joined": members.joins()} if members is not None else {}
-        return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
-                          sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes) + start_sim,
-                          extra={k: v for k, v in extra.items() if v})
-
-    def _server_round_start(self, step: int, members) -> float:
-        """A federation round begins: the server samples among the clients in the run, tells each
-        whether it trains this round (a control message, outside the byte counts), and sends the
-        global adapters to the sampled clients that lack them. The non-sampled clients wait for
-        the next round's message. Returns the simulated seconds of that download."""
-        self._admit(step, members)
-        available = members.training()
-        sample = self._sample(step, available)
-        round_index = step // self.cfg.train.aggregate_every
-        for c in available:
-            self.transport.send_control(client_name(c), {"type": "round", "round": round_index, "step": step,
-                                                         "train": c in sample,
-                                                         "adapters": c in sample and c not in self._fresh})
-        down = 0
-        for c in sample:
-            if c in self._fresh:
-                continue
-            try:
-                # The server's copies of the client parts hold the global adapters (end_round).
-                down = max(down, self._send_adapters(SERVER, client_name(c), step, adapter_state(self.parts[0])))
-                self._fresh.add(c)
-            except TransportError as err:
-                members.drop(c, step, str(err))
-        return self.time_model.transfer(down) if down else 0.0
-
-    def _admit(self, step: int, members) -> None:
-        """Takes in the clients that (re)joined since the last round (their FedAvg weight is the
-        sample count they report; they get the global adapters when sampled). With fewer than
-        federation.min_clients in the run, waits up to federation.wait_s for more to join."""
-        deadline = time.monotonic() + (members.wait_s or 0.0)
-        while True:
-            if members.admit is not None:
-                for c, samples in members.admit(step).items():
-                    self.setup.client_weights[c] = float(samples)
-                    self._fresh.discard(c)
-            have = members.training()
-            if len(have) >= members.min_clients:
-                return
-            if time.monotonic() >= deadline:
-                raise TransportError(f"only {len(have)} client(s) remain ("
-                                     f"{', '.join(members.names[c] for c in have) or 'none'}) at step {step}, and "
-                                     f"none came back within federation.wait_s={members.wait_s:g} s; the run needs "
-                                     f"federation.min_clients={members.min_clients}")
-            time.sleep(0.2)
-
-    def _client_step(self, c: int, step: int) -> StepResult:
-        if hasattr(self.transport, "next_round") and self._new_round(step):
-            # A federation client: the server says whether it trains this round (and, when it sat
-            # out the last average or has just joined, sends the global adapters first). A client
-            # left out may wait a whole round for the next message.
-            message = self.transport.next_round(step, (self.cfg.train.aggregate_every + 1) * self.transport.timeout_s)
-            self.round_clients = [c] if message["train"] else []
-            self._trains_this_round = bool(message["train"])
-            if message.get("adapters"):
-                load_adapter_state(self.parts[c], self._recv_adapters(client_name(c), SERVER, step))
-                if self._adapter_base is not None:
-                    self._adapter_base = adapter_state(self.parts[c])
-        if not self._trains_this_round:
-            return StepResult(loss=float("nan"))
-        self._begin_step([c])
-        self._send_up(c, step, *self._client_forward(c, step))
-        self._client_finish(c, step, self.transport.recv(client_name(c), SERVER, "gradients", step))
-        self.transport.flush()
-        return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)
-
+    # -- a round's end --------------------------------------------------------------------------------
     def _outgoing_adapters(self, c: int) -> Dict[str, torch.Tensor]:
         """Client c's adapters as sent to FedAvg: with adapter DP, the last global adapters plus its
         clipped, noised update (splitlora.privacy.adapters)."""
@@ -656,48 +606,8 @@ class SplitLoRA(_SplitBase):
             if self._adapter_base is not None:
                 self._adapter_base = adapter_state(self.parts[0])
             return sim
-        tm = self.time_model
         if self.role == SERVER:
-            members = getattr(self.transport, "membership", None)  # see _server_step
-            # The round's clients still in the run (the U-shape, which does not sample, has all).
-            group = (list(range(self.num_clients)) if members is None
-                     else [c for c in (self.round_clients if self.round_clients is not None else members.training())
-                           if c in members.training()])
-            received, finished = [], []
-            for c in group:
-                try:
-                    received.append(self._decode_from(
-                        c, step, "adapters", lambda c=c: self._recv_adapters(SERVER, client_name(c), step)))
-                    finished.append(c)
-                except TransportError as err:
-                    if members is None:
-                        raise
-                    members.drop(c, step, str(err))
-            if not finished:
-                raise TransportError(f"no client of round {step // self.cfg.train.aggregate_every} sent its adapters "
-                                     f"at step {step}; there is nothing to average")
-            up = max(tm.transfer(self.transport.received.round_total(self.transport.round_index, client=client_name(c),
-                                                                     kind="adapters")) for c in finished)
-            # FedAvg over the clients that finished the round, weighted by their samples (renormalised).
-            average = fedavg(received, [self.setup.client_weights[c] for c in finished])
-            self._count_adapter_releases(finished)
-            down = 0
-            for c in finished:
-                try:
-                    down = max(down, self._send_adapters(SERVER, client_name(c), step, average))
-                except TransportError as err:
-                    if members is None:
-                        raise
-                    members.drop(c, step, str(err))
-            # The server's copies of the client parts hold the global adapters: for evaluation and export.
-            for p in self.parts:
-                load_adapter_state(p, average)
-            if members is not None:
-                self._fresh = set(c for c in finished if c in members.training())
-                if step + 1 >= self.cfg.train.steps and members.finish is not None:
-                    members.finish()
-            self.transport.flush()
-            return up + tm.transfer(down)
+            return self._server_end_round(step)
         c = int(self.role[len("client"):])
         if not self._trains_this_round:
             return 0.0  # left out of this round: nothing to send (the server sends the average later)
@@ -711,7 +621,15 @@ class SplitLoRA(_SplitBase):
 
 class VanillaSL(_SplitBase):
     """Vanilla split learning: one client-side model handed from client to client; each client in
-    turn trains one batch with the server, then passes the adapters on (through the server)."""
+    turn trains one batch with the server, then passes the adapters on (through the server).
+
+    The hand-over, the same in one process and across processes: before a client's turn the
+    server sends it the newest adapters unless it trained the last turn itself (or nobody has
+    trained yet: every client starts from the same adapters); after its turn it sends its adapters
+    up (with two clients or more). In a federation a round is one step: at each step's start the
+    server admits the clients that (re)joined and tells each in the run whether the newest
+    adapters come before its turn; a client that fails in its turn is dropped and the next one
+    receives the newest adapters the server holds."""
 
     name = "sl"
     exact_export = True
@@ -719,10 +637,29 @@ class VanillaSL(_SplitBase):
     def _server_updates_per_step(self) -> int:
         return self.num_clients  # one exchange, and one server update, per client per step
 
+    def _steps_per_round(self) -> int:
+        return 1
+
     def __init__(self, setup) -> None:
         shared = client_parts(clone_sharing_frozen(setup.client),
                               clone_sharing_frozen(setup.tail) if setup.tail is not None else None)
         super().__init__(setup, [shared] * len(setup.loaders))
+        # The client whose turn produced the server's newest adapters (None: nobody has trained).
+        self._holder: Optional[int] = None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "holder": self._holder}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        # A checkpoint from before the hand-over was recorded is past step 0: the last client's turn
+        # produced the newest adapters.
+        self._holder = state.get("holder", self.num_clients - 1)
+
+    def _needs_adapters(self, c: int) -> bool:
+        """Whether client c lacks the newest adapters (those of the last turn; a client that joined
+        since it last trained has lost its own)."""
+        return self.num_clients > 1 and self._holder is not None and (self._holder != c or c not in self._fresh)
 
     def train_step(self, step: int) -> StepResult:
         if self.role == SERVER:
@@ -732,61 +669,101 @@ class VanillaSL(_SplitBase):
         total = StepResult(loss=0.0)
         losses = []
         n = self.num_clients
+        tm = self.time_model
         for c in range(n):
+            name = client_name(c)
+            if self._needs_adapters(c):
+                # The clients share one module here: what crosses is counted as it would in a federation.
+                b_down = self._send_adapters(SERVER, name, step, adapter_state(self.parts[0]))
+                load_adapter_state(self.parts[c], self._recv_adapters(name, SERVER, step))
+                total.sim_time_s += tm.transfer(b_down)
             r = self._exchange(step, [c])
             losses.append(r.loss)
             total.client_compute_s += r.client_compute_s
             total.server_compute_s += r.server_compute_s
             total.sim_time_s += r.sim_time_s
             if n > 1:
-                # Hand the client-side adapters to the next client, relayed by the server.
-                nxt = (c + 1) % n
-                state = adapter_state(self.parts[c])
-                b_up = self._send_adapters(client_name(c), SERVER, step, state)
-                relayed = self._recv_adapters(SERVER, client_name(c), step)
-                b_down = self._send_adapters(SERVER, client_name(nxt), step, relayed)
-                load_adapter_state(self.parts[nxt], self._recv_adapters(client_name(nxt), SERVER, step))
-                total.sim_time_s += self.time_model.transfer(b_up) + self.time_model.transfer(b_down)
+                b_up = self._send_adapters(name, SERVER, step, adapter_state(self.parts[c]))
+                load_adapter_state(self.parts[0], self._recv_adapters(SERVER, name, step))
+                total.sim_time_s += tm.transfer(b_up)
+            self._holder = c
         total.loss = sum(losses) / len(losses)
         return total
 
-    # -- one party per process (a federation): the same exchanges, in the same order -----------------
+    # -- one party per process (a federation): the same turns, in the same order ----------------------
     def _server_step(self, step: int) -> StepResult:
-        n = self.num_clients
-        tm = self.time_model
+        members = self._members()
+        if members is None:
+            order = list(range(self.num_clients))
+            needs = {c: self._needs_adapters(c) for c in order}
+        else:
+            order, needs = self._server_turns_start(step, members)
         total = StepResult(loss=0.0)
         losses = []
-        for c in range(n):
-            self._begin_step([c])
-            received, metas = self._server_receive(step, [c])
-            client_losses, sizes, grads = self._server_compute(step, [c], received, metas)
-            grad_bytes = {c: self._send_down(c, step, grads[c])}
-            losses.append(float(torch.stack(client_losses).mean()))
-            total.server_compute_s += self._server_timer.elapsed
-            total.sim_time_s += self._simulated_step([c], sizes[0], sum(sizes), grad_bytes)
-            if n > 1:
-                # Relay client c's adapters to the next client; the server's copy keeps the latest
-                # (for evaluation and export).
-                packet = self.transport.recv(SERVER, client_name(c), "adapters", step)
-                relayed = self._decode_from(c, step, "adapters", lambda: unpack_tensors(packet, self.device))
-                b_down = self._send_adapters(SERVER, client_name((c + 1) % n), step, relayed)
-                load_adapter_state(self.parts[0], relayed)
-                total.sim_time_s += tm.transfer(packet.numel()) + tm.transfer(b_down)
+        for c in order:
+            if members is not None and c not in members.training():
+                continue
+            turn = self._attempt(members, c, step, lambda c=c: self._server_turn(c, step, needs[c]))
+            if turn is FAILED:
+                continue
+            loss, compute_s, sim = turn
+            losses.append(loss)
+            total.server_compute_s += compute_s
+            total.sim_time_s += sim
+            self._holder = c
+            self._fresh.add(c)
         self.transport.flush()
+        total.extra = self._member_events(members)
+        if not losses:
+            total.loss, total.skipped = math.nan, f"every client of step {step} dropped out"
+            return total
         total.loss = sum(losses) / len(losses)
         return total
 
+    def _server_turns_start(self, step: int, members) -> tuple:
+        """A federation step's start: admits the clients that (re)joined, and tells each client in
+        the run whether the newest adapters come before its turn. (the turn order, {client: needs})."""
+        self._admit(step, members)
+        order = members.training()
+        # Only the first turn can find the newest adapters already there: a later client's
+        # predecessor in this step trained them (or, when every one before it dropped out, they
+        # are sent anyway: the flag is fixed at the step's start).
+        needs = {c: self.num_clients > 1 and (i > 0 or self._needs_adapters(c)) for i, c in enumerate(order)}
+        self.round_clients = order
+        for c in order:
+            self._attempt(members, c, step, lambda c=c: self.transport.send_control(client_name(c), {
+                "type": "round", "round": step, "step": step, "train": True, "adapters": needs[c]}))
+        return [c for c in order if c in members.training()], needs
+
+    def _server_turn(self, c: int, step: int, needs_adapters: bool) -> tuple:
+        """Client c's turn on the server: (loss, server seconds, simulated seconds)."""
+        tm = self.time_model
+        sim = 0.0
+        if needs_adapters:
+            sim += tm.transfer(self._send_adapters(SERVER, client_name(c), step, adapter_state(self.parts[0])))
+        self._begin_step([c])
+        received, metas = self._server_receive(step, [c])
+        client_losses, sizes, grads = self._server_compute(step, [c], received, metas)
+        grad_bytes = {c: self._send_down(c, step, grads[c])}
+        sim += self._simulated_step([c], sizes[0], sum(sizes), grad_bytes)
+        if self.num_clients > 1:
+            # The server's copy keeps the newest adapters: for the next turn, evaluation and export.
+            packet = self.transport.recv(SERVER, client_name(c), "adapters", step)
+            load_adapter_state(self.parts[0], self._decode_from(c, step, "adapters",
+                                                                lambda: unpack_tensors(packet, self.device)))
+            sim += tm.transfer(packet.numel())
+        return float(torch.stack(client_losses).mean()), self._server_timer.elapsed, sim
+
     def _client_step(self, c: int, step: int) -> StepResult:
-        n = self.num_clients
         name = client_name(c)
-        if n > 1 and c > 0:  # the adapters client c-1 trained this step
+        # Across processes vanilla SL runs as a federation only (transport=dist runs splitlora):
+        # the step's message says whether the newest adapters come before this client's turn.
+        if self._client_round_start(c, step).get("adapters"):
             load_adapter_state(self.parts[c], self._recv_adapters(name, SERVER, step))
         self._begin_step([c])
         self._send_up(c, step, *self._client_forward(c, step))
         self._client_finish(c, step, self.transport.recv(name, SERVER, "gradients", step))
-        if n > 1:
+        if self.num_clients > 1:
             self._send_adapters(name, SERVER, step, adapter_state(self.parts[c]))
-            if c == 0:  # the last client's, for the next step (in-process, client 0 loads them now too)
-                load_adapter_state(self.parts[0], self._recv_adapters(name, SERVER, step))
         self.transport.flush()
         return StepResult(loss=float("nan"), client_compute_s=self._client_timers[c].elapsed)

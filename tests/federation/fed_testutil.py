@@ -1,5 +1,6 @@
 """Helpers of the federation's multi-process tests: data files, a config, processes whose every
 wait is bounded."""
+import json
 import os
 import re
 import subprocess
@@ -79,10 +80,67 @@ def finish(proc, log: Path, timeout: float) -> int:
         raise AssertionError(f"still running after {timeout} s:\n" + log.read_text()) from None
 
 
-
-
 def kill_all(procs) -> None:
     for p in procs:
         if p.poll() is None:  # never leave a process behind, whatever happened
             p.kill()
             p.wait(timeout=30)
+
+
+def run_beside_in_process(folder: Path, config: Path, overrides, *, local=None) -> None:
+    """A federation (a server and one client per CLIENTS, mutual TLS; its run in runs/fed) and
+    beside it the one-process runs `local` ({run name: overrides}, in runs/<name>; default
+    {"local": overrides}) of `config`. Asserts every process exits 0; every process is killed
+    whatever happens."""
+    from splitlora.federation.certs import create_certs
+
+    if not (folder / "certs" / "ca.crt").exists():
+        create_certs(folder / "certs", CLIENTS, log=lambda *_: None)
+    local = {"local": overrides} if local is None else local
+    procs, logs = [], []
+    try:
+        for name, args in local.items():
+            logs.append(folder / f"{name}.log")
+            procs.append(start(["train", "--config", str(config), "--no-progress", *args,
+                                f"output_dir={folder / 'runs' / name}"], logs[-1]))
+        server_log = folder / "server.log"
+        server = start(["server", "--config", str(config), "--certs", str(folder / "certs"), "--listen",
+                        "127.0.0.1:0", "--no-progress", *overrides], server_log)
+        procs.append(server)
+        address = wait_for(r"listening on (127\.0\.0\.1:\d+)", server_log, server, WAIT_S).group(1)
+        for c, name in enumerate(CLIENTS):
+            logs.append(folder / f"client-{name}.log")
+            procs.append(start(["client", "--config", str(config), "--server", address, "--name", name, "--certs",
+                                str(folder / "certs"), "--data", str(folder / f"client{c}.jsonl"), *overrides],
+                               logs[-1]))
+        assert finish(server, server_log, WAIT_S) == 0, server_log.read_text()
+        for p, log in zip(procs[len(local) + 1:] + procs[:len(local)], logs[len(local):] + logs[:len(local)]):
+            assert finish(p, log, WAIT_S) == 0, log.read_text()
+    finally:
+        kill_all(procs)
+
+
+def step_records(run: Path) -> list:
+    """(step, loss, bytes) of each step record in run's metrics.jsonl."""
+    return [(r["step"], r["loss"], r["bytes"]) for r in map(json.loads, (run / "metrics.jsonl").open())
+            if r["type"] == "step"]
+
+
+def assert_same_training(got: Path, want: Path) -> dict:
+    """The runs in `got` and `want` trained alike: the same adapters (rtol 1e-5 / atol 1e-6, the
+    dist tests' tolerance), step losses (rel 1e-6) and byte counts (exactly). Returns got's summary."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(want / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(got / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    g, w = step_records(got), step_records(want)
+    assert [(s, n) for s, _, n in g] == [(s, n) for s, _, n in w]
+    assert [l for _, l, _ in g] == pytest.approx([l for _, l, _ in w], rel=1e-6)
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (want, got))
+    assert sb["bytes"] == sa["bytes"] and sb["bytes_total"] > 0
+    return sb

@@ -1,9 +1,11 @@
 """Faults in a federation, with real processes on loopback (mutual TLS): four clients, of which
 one is killed mid-round, one sends a corrupted packet and one stalls past
 federation.step_timeout_s. Each is dropped with its reason logged and recorded in metrics.jsonl;
-the rounds' FedAvg runs over the clients that finished; the server finishes the run with the one
-client left (federation.min_clients=1). Every wait is bounded; every process is killed in a
-`finally`."""
+the rounds' FedAvg runs over the clients that finished. The server tells the corrupt and the
+stalled client "dropped" (the run goes on and takes clients in), and they rejoin by themselves:
+the server waits at the next round's start for them (federation.min_clients=3 of the three
+still alive), admits them, and the run finishes with them. Every wait is bounded; every process
+is killed in a `finally`."""
 import json
 
 import pytest
@@ -15,9 +17,12 @@ FAULTS = {"b": "exit:client1:1", "c": "corrupt:client2:2", "d": "stall:client3:3
 
 
 @pytest.mark.slow
-def test_clients_that_die_corrupt_or_stall_are_dropped_and_training_goes_on(tmp_path):
+def test_clients_that_die_corrupt_or_stall_are_dropped_and_the_others_rejoin(tmp_path):
     write_data(tmp_path, CLIENTS)
-    config = write_config(tmp_path, CLIENTS, federation="{step_timeout_s: 8, wait_s: 120, min_clients: 1, start_clients: 4}")
+    config = write_config(tmp_path, CLIENTS, federation="{step_timeout_s: 8, wait_s: 120, min_clients: 3, "
+                                                        "start_clients: 4}")
+    # Four rounds: the drops happen in round 1 (steps 2-3), the rejoins are admitted at a later one.
+    config.write_text(config.read_text().replace("steps: 4, aggregate_every: 2", "steps: 8, aggregate_every: 2"))
     create_certs(tmp_path / "certs", CLIENTS, log=lambda *_: None)
     procs, logs = [], {}
     try:
@@ -40,18 +45,36 @@ def test_clients_that_die_corrupt_or_stall_are_dropped_and_training_goes_on(tmp_
     out = server_log.read_text()
     assert rcs["a"] == 0, logs["a"].read_text()
     assert rcs["b"] == 17  # the injected abrupt exit
-    for name in ("c", "d"):
-        assert rcs[name] != 0 and "dropped" in logs[name].read_text(), logs[name].read_text()
-        assert "reconnecting" not in logs[name].read_text()  # dropped on purpose: it does not come back
     for name in ("b", "c", "d"):
         assert f"dropped client {name}" in out, out
     run = tmp_path / "runs" / "fed"
-    dropped = {d["name"]: d for r in map(json.loads, (run / "metrics.jsonl").open()) if r["type"] == "step"
-               for d in r.get("dropped", [])}
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").open()) if r["type"] == "step"]
+    dropped = {d["name"]: d for r in steps for d in r.get("dropped", [])}
+    joined = {d["name"]: d for r in steps for d in r.get("joined", [])}
     assert dropped["b"]["step"] == 1 and "connection ended" in dropped["b"]["reason"]
     assert dropped["c"]["step"] == 2 and "could not be decoded" in dropped["c"]["reason"]
     assert dropped["d"]["step"] == 3 and "waited 8 s" in dropped["d"]["reason"]
+    assert "b" not in joined  # its process is gone
+    for name, party in (("c", "client2"), ("d", "client3")):
+        text = logs[name].read_text()
+        # Told "dropped" with the reason, it rejoined by itself (not the "lost the server" path),
+        # replaced its stale folder and finished the run.
+        assert rcs[name] == 0, text
+        assert f"client {name} was dropped by the server ({dropped[name]['reason']}" in text, text
+        assert "it rejoins the running federation (rejoin 1 of at most 8)" in text, text
+        assert "lost the server" not in text, text
+        assert f"replaced its earlier folder {tmp_path / 'runs' / f'fed-{name}' / 'clients' / party}" in text, text
+        assert f"client {name} finished its 8 steps" in text, text
+        back = joined[name]
+        assert back["client"] == party
+        # Admitted at a later round's start (min_clients=3 makes the server wait for both at the first).
+        assert back["step"] % 2 == 0 and back["step"] > dropped[name]["step"]
+        assert back["step"] == 4
+    rounds = [r for r in map(json.loads, (run / "metrics.jsonl").open()) if r["type"] == "round"]
+    for r in rounds[2:]:  # the rounds after the rejoin: a, c and d train, b does not
+        assert r["bytes"]["client2"]["up"]["activations"] > 0 and r["bytes"]["client3"]["up"]["activations"] > 0, r
+        assert r["bytes"]["client1"]["up"]["activations"] == 0, r
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
-    # The dropped clients' bytes stop at their drop; client a's run to the end.
+    # b's bytes stop at its drop; client a's run to the end.
     assert summary["bytes"]["client0"]["up"]["activations"] > summary["bytes"]["client1"]["up"]["activations"] > 0

@@ -11,6 +11,7 @@ import torch
 from fed_testutil import CLIENTS, WAIT_S, finish, kill_all, start, wait_for, write_config, write_data
 from safetensors.torch import load_file
 
+from splitlora.checkpoint import list_checkpoints
 from splitlora.federation.certs import create_certs
 from splitlora.federation.membership import sample_clients
 
@@ -22,12 +23,13 @@ def _server(folder: Path, config: Path, log: Path, procs: list, *extra):
     return server, wait_for(r"listening on (127\.0\.0\.1:\d+)", log, server, WAIT_S).group(1)
 
 
-def _client(folder: Path, config: Path, address: str, c: int, tag: str, procs: list, fault=None):
+def _client(folder: Path, config: Path, address: str, c: int, tag: str, procs: list, fault=None, out_tag=None):
+    """Client c's process; its log is <tag>-client-<name>.log, its output folder runs/<out_tag or tag>-<name>."""
     name = CLIENTS[c]
     log = folder / f"{tag}-client-{name}.log"
     procs.append(start(["client", "--config", str(config), "--server", address, "--name", name, "--certs",
                         str(folder / "certs"), "--data", str(folder / f"client{c}.jsonl"),
-                        "--output-dir", str(folder / "runs" / f"{tag}-{name}")], log, fault=fault))
+                        "--output-dir", str(folder / "runs" / f"{out_tag or tag}-{name}")], log, fault=fault))
     return procs[-1], log
 
 
@@ -77,8 +79,9 @@ def test_sampled_federation_equals_the_in_process_sampled_run(tmp_path):
 @pytest.mark.slow
 def test_killed_client_restarts_and_is_admitted_at_a_later_round(tmp_path):
     """min_clients=3 of 3: client b dies at step 3 (mid-round 1); the round finishes with a and c,
-    then the server waits (federation.wait_s) at round 2's start; b restarted (a new process, the
-    same certificate) is admitted with the global adapters, trains in the later rounds, and the
+    then the server waits (federation.wait_s) at round 2's start; b restarted by hand with the same
+    command (a new process, the same certificate and --output-dir, no overwrite) replaces its first
+    attempt's folder, is admitted with the global adapters, trains in the later rounds, and the
     run finishes."""
     write_data(tmp_path)
     config = write_config(tmp_path, federation="{step_timeout_s: 20, wait_s: 90, min_clients: 3}")
@@ -93,13 +96,17 @@ def test_killed_client_restarts_and_is_admitted_at_a_later_round(tmp_path):
         b, b_log = clients[1]
         assert finish(b, b_log, WAIT_S) == 17, b_log.read_text()  # the injected abrupt exit
         wait_for(r"client b left", server_log, server, WAIT_S)
-        b2, b2_log = _client(tmp_path, config, address, 1, "second", procs)
+        first_ckpts = tmp_path / "runs" / "first-b" / "clients" / "client1" / "checkpoints"
+        assert any(first_ckpts.iterdir())  # the first attempt's checkpoint of round 0 (step 2)
+        b2, b2_log = _client(tmp_path, config, address, 1, "second", procs, out_tag="first")
         assert finish(server, server_log, WAIT_S) == 0, server_log.read_text()
         for p, log in (clients[0], clients[2], (b2, b2_log)):
             assert finish(p, log, 60) == 0, log.read_text()
     finally:
         kill_all(procs)
-    assert "trains from the next round" in b2_log.read_text()
+    text = b2_log.read_text()
+    assert "trains from the next round" in text
+    assert f"replaced its earlier folder {tmp_path / 'runs' / 'first-b' / 'clients' / 'client1'}" in text, text
     run = tmp_path / "runs" / "fed"
     steps = _records(run, "step")
     dropped = [d for r in steps for d in r.get("dropped", [])]
@@ -108,6 +115,8 @@ def test_killed_client_restarts_and_is_admitted_at_a_later_round(tmp_path):
     assert [(d["name"], d["client"]) for d in joined] == [("b", "client1")]
     back = joined[0]["step"]
     assert back % 2 == 0 and back >= 4
+    # The folder holds the second attempt's checkpoints only (the first attempt's step 2 is gone).
+    assert all(step > back for step, _ in list_checkpoints(first_ckpts)), list_checkpoints(first_ckpts)
     rounds = _records(run, "round")
     for r in rounds:  # each round's clients are those in the run at its start
         first = r["step"] - 1

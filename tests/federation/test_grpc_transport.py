@@ -200,7 +200,7 @@ def test_joinable_server_welcomes_returning_and_new_clients_as_pending(certs, cl
     # only here, so the refusal is checked on the transport's rule directly.
     assert "already has its train.clients=3 clients" in s._join_refusal("d", {"config": "cfg"})
     s.drop_pending("client1", "test")
-    assert _until(lambda: c.control(10)["type"] in ("refused", "closed"))
+    assert c.control(10) == {"type": "dropped", "reason": "test"}  # the run goes on: it may rejoin
     # After the last round: the waiting client is told, and a newcomer refused, with the reason.
     s.close_to_joiners("the run has finished its last round")
     assert b.control(10) == {"type": "refused", "reason": "the run has finished its last round"}
@@ -255,3 +255,28 @@ def test_a_client_without_a_certificate_fails_the_handshake(certs, closing):
     a = _client(s, "a", d, closing)
     assert s.wait_for_clients(1, timeout_s=10) == ["a"]
     a.close(grace_s=0.2)
+
+
+@pytest.mark.parametrize("joinable,kind", [(True, "dropped"), (False, "refused")])
+def test_a_dropped_client_is_told_whether_it_may_rejoin(certs, closing, joinable, kind):
+    """A client dropped from a run that takes clients in (`joinable`) is told "dropped" (it rejoins by
+    itself); from one that does not, "refused" (it stops). Its transport keeps the server's last word."""
+    d, _ = certs
+    s, logs = _server(d, closing)
+    s.fingerprint, s.num_clients = "cfg", 2
+    a = _client(s, "a", d, closing, hello={"config": "cfg"})
+    s.wait_for_clients(1, timeout_s=10)
+    s.assign(["a"])
+    s.joinable = joinable
+    a.wait_welcome(10)
+    s.drop("a", "it waited 8 s for activations of step 3")
+    assert a.control(10) == {"type": kind, "reason": "it waited 8 s for activations of step 3"}
+    assert _until(lambda: a.control(10)["type"] == "closed")
+    assert a.server_ended == {"type": kind, "reason": "it waited 8 s for activations of step 3"}
+    with pytest.raises(TransportError, match="expected gradients of step 3 from the server, but the connection "
+                                             "ended: .*it waited 8 s"):
+        a.recv("client0", "server", "gradients", 3)
+    if joinable:  # and it is welcomed back, under its index, to join at a later round
+        a2 = _client(s, "a", d, closing, hello={"config": "cfg"})
+        welcome = a2.wait_welcome(10)
+        assert (welcome["index"], welcome["join"]) == (0, True)

@@ -23,10 +23,18 @@ def _cfg(*overrides):
     (["strategy=sl", "train.u_shape=true", "model.server_end=3"], "strategy=sl with train.u_shape"),
     (["data.tokenizer=null"], "set data.tokenizer"),
     (["federation.min_clients=5"], "federation.min_clients=5 is more than train.clients"),
+    (["privacy.clip=1.0", "privacy.epsilon=8.0", "train.clients=3", "federation.min_clients=2"],
+     r"privacy.epsilon sets the noise from every client's sample count at the start, but the run would start "
+     r"with 2 of 3 clients .*set federation.start_clients to 3, or give privacy.noise_multiplier"),
 ])
 def test_configs_a_federation_cannot_run_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         check_federation_run(_cfg(*overrides))
+
+
+def test_privacy_epsilon_runs_as_a_federation_that_starts_with_every_client():
+    check_federation_run(_cfg("privacy.clip=1.0", "privacy.epsilon=8.0", "train.clients=3",
+                              "federation.min_clients=2", "federation.start_clients=3"))
 
 
 def test_federation_section_is_validated():
@@ -135,3 +143,92 @@ def test_a_client_with_a_missing_data_file_stops_before_connecting(tmp_path, cap
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
     assert "--data" in err and "clinet0.jsonl: no such file" in err
+
+
+def test_an_interrupted_client_is_told_to_rerun_the_same_command(tmp_path, capsys):
+    """Ctrl-C in a client: a rerun of the same command rejoins the run (a running server admits it,
+    a server restarted with resume=true resumes it); `resume=true` is the one-process advice."""
+    from splitlora.federation.client import _run
+    from splitlora.trainer import RunInterrupted, _Interrupts
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg = _cfg(f"output_dir={tmp_path / 'run'}")
+    with pytest.raises(RunInterrupted) as stop:
+        _run(cfg, "client1", None, None, None, print, interrupted, _Interrupts)
+    message = stop.value.message
+    assert message.startswith("client1: interrupted (SIGINT) before training started; there is no checkpoint yet in ")
+    assert message.endswith(": rerun the same command (a running server admits it at its next round; a server "
+                            "restarted with resume=true resumes it)")
+    assert stop.value.code == 130 and message in capsys.readouterr().err
+    # The default advice, for a one-process run or a server, is unchanged.
+    assert _Interrupts(tmp_path).stopped("server").message.endswith(": rerun the same command with resume=true")
+
+
+def _fake_client(monkeypatch, tmp_path, ended, steps=3):
+    """run_client with a fake server whose every run ends in a TransportError after `ended` (the
+    server's last word): (the join calls, the log lines, the error run_client raised or None)."""
+    import splitlora.trainer as trainer
+    from splitlora.federation import client as client_mod
+
+    class Transport:
+        me, server_ended = "client0", None
+
+        def close(self, grace_s=5.0):
+            pass
+
+    joins, lines = [], []
+
+    def fake_join(connect, server, wait_s, log):
+        joins.append(server)
+        return Transport(), {"index": 0, "clients": 2, "join": len(joins) > 1, "resume": False}
+
+    def fake_train(cfg, role, *, transport, **kwargs):
+        transport.server_ended = ended
+        raise TransportError("client0 expected gradients of step 1 from the server, but the connection ended")
+
+    monkeypatch.setattr(client_mod, "join", fake_join)
+    monkeypatch.setattr(trainer, "_train", fake_train)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    cfg = _cfg(f"train.steps={steps}", f"output_dir={tmp_path / 'run'}")
+    try:
+        client_mod.run_client(cfg, server="127.0.0.1:1", name="a", insecure=True, data=str(data), log=lines.append)
+    except TransportError as err:
+        return joins, lines, err
+    return joins, lines, None
+
+
+def test_a_dropped_client_rejoins_at_most_train_steps_times(tmp_path, monkeypatch):
+    joins, lines, err = _fake_client(monkeypatch, tmp_path, {"type": "dropped", "reason": "it waited 8 s"})
+    assert len(joins) == 1 + 3  # the first connection, then train.steps rejoins
+    rejoins = [line for line in lines if "was dropped by the server (it waited 8 s); it rejoins the running " in line]
+    assert len(rejoins) == 3 and "(rejoin 3 of at most 3)" in rejoins[-1]
+    assert "gave up after 3 automatic reconnections (at most train.steps=3); the last: it waited 8 s" in str(err)
+
+
+@pytest.mark.parametrize("kind", ["done", "aborted", "refused"])
+def test_a_client_whose_server_ended_the_run_does_not_rejoin(tmp_path, monkeypatch, kind):
+    joins, lines, err = _fake_client(monkeypatch, tmp_path, {"type": kind, "reason": "the run finished"})
+    assert len(joins) == 1 and "connection ended" in str(err)
+    assert not any("rejoins" in line or "reconnecting" in line for line in lines)
+
+
+def test_a_client_joining_a_running_run_replaces_its_own_folder_only(tmp_path):
+    from splitlora.federation.client import _replace_own_folder
+
+    out = tmp_path / "run"
+    for role in ("client0", "client1"):
+        (out / "clients" / role / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (out / "config.yaml").write_text("strategy: splitlora\n")
+    cfg = _cfg(f"output_dir={out}")
+    lines = []
+    _replace_own_folder(cfg, "client1", "b", lines.append)
+    assert not (out / "clients" / "client1").exists()
+    assert (out / "clients" / "client0" / "checkpoints" / "step_00000002").is_dir() and (out / "config.yaml").is_file()
+    assert lines == [f"federation: client b joins the running run afresh as client1: replaced its earlier folder "
+                     f"{out / 'clients' / 'client1'} (an earlier attempt's checkpoints; the server's global adapters "
+                     f"take their place)"]
+    _replace_own_folder(cfg, "client1", "b", lines.append)  # nothing there any more: nothing said
+    assert len(lines) == 1
