@@ -67,7 +67,10 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                                    max_packet_bytes=f.max_packet_bytes, chunk_bytes=f.chunk_bytes,
                                    keepalive_s=f.keepalive_s, hello={"config": fingerprint})
 
-    transport, welcome = join(connect, server, f.wait_s, log)
+    # A duplicate-name refusal is tried again for as long as the server may take to notice that
+    # this client's earlier connection vanished (keepalive_s, then gRPC's 10 s ping timeout).
+    duplicate_wait_s = f.keepalive_s + 15.0
+    transport, welcome = join(connect, server, f.wait_s, log, duplicate_wait_s=duplicate_wait_s)
     # Automatic reconnections (after a drop or a broken connection). Each one that joins a running
     # run starts at a later round, so train.steps of them cover any run; the bound keeps a client
     # that the server keeps dropping (e.g. one always slower than step_timeout_s) from looping forever.
@@ -108,7 +111,7 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                 else:
                     log(f"federation: client {name} lost the server ({err}); reconnecting for up to {f.wait_s:g} s")
                 transport.close(grace_s=0)
-                transport, welcome = join(connect, server, f.wait_s, log)
+                transport, welcome = join(connect, server, f.wait_s, log, duplicate_wait_s=duplicate_wait_s)
     finally:
         transport.close()
 
@@ -177,11 +180,17 @@ def _agree(transport, wait_s: float):
 _FINAL = re.compile(r"CERTIFICATE|SSL_ERROR_SSL|TSI_PROTOCOL_FAILURE|ALERT", re.IGNORECASE)
 
 
-def join(connect, server: str, wait_s: float, log, *, first_delay_s: float = 0.5, max_delay_s: float = 10.0):
+def join(connect, server: str, wait_s: float, log, *, first_delay_s: float = 0.5, max_delay_s: float = 10.0,
+         duplicate_wait_s: float = 0.0):
     """(transport, welcome): connects and waits for the server's welcome. While the server cannot be
     reached (not started yet, restarting), tries again with exponential backoff, for at most
-    `wait_s` in all; a refusal (TLS, duplicate name, another config) ends it at once."""
-    deadline = time.monotonic() + wait_s
+    `wait_s` in all; a refusal (TLS, another config) ends it at once. A refusal for a duplicate
+    name is tried again for up to `duplicate_wait_s`: the connection the server holds under this
+    name may be this client's own earlier one, gone without the server noticing yet (a crashed
+    machine, a dropped network: its keepalive notices within federation.keepalive_s + 10 s)."""
+    started = time.monotonic()
+    deadline = started + wait_s
+    duplicate_deadline = started + min(duplicate_wait_s, wait_s)
     delay = first_delay_s
     while True:
         transport = connect()
@@ -190,8 +199,12 @@ def join(connect, server: str, wait_s: float, log, *, first_delay_s: float = 0.5
         except TransportError as err:
             transport.close(grace_s=0)
             message = str(err)
-            if "UNAVAILABLE" not in message or _FINAL.search(message) or time.monotonic() + delay > deadline:
+            if "ALREADY_EXISTS" in message and time.monotonic() + delay <= duplicate_deadline:
+                log(f"federation: the server at {server} still holds a connection under this client's name (its "
+                    f"earlier process, gone without the server noticing yet?); trying again in {delay:.1f} s")
+            elif "UNAVAILABLE" not in message or _FINAL.search(message) or time.monotonic() + delay > deadline:
                 raise
-            log(f"federation: the server at {server} cannot be reached yet; trying again in {delay:.1f} s")
+            else:
+                log(f"federation: the server at {server} cannot be reached yet; trying again in {delay:.1f} s")
             time.sleep(delay)
             delay = min(2 * delay, max_delay_s)

@@ -222,7 +222,9 @@ class GrpcServerTransport(_LedgerMixin, Transport):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"refused: {reason}")
             if (name in self._peers and self._peers[name].alive) or any(
                     p.name == name and p.alive for p in self._pending.values()):
-                reason = f"client {name!r} is already connected (a duplicate name)"
+                reason = (f"client {name!r} is already connected (a duplicate name; if that connection is this "
+                          f"client's earlier process, gone without closing it, the server notices within "
+                          f"federation.keepalive_s + 10 s)")
                 self._refused(peer_desc, reason)
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"refused: {reason}")
             peer = _Peer(name=name, hello=hello)

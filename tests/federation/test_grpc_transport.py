@@ -280,3 +280,46 @@ def test_a_dropped_client_is_told_whether_it_may_rejoin(certs, closing, joinable
         a2 = _client(s, "a", d, closing, hello={"config": "cfg"})
         welcome = a2.wait_welcome(10)
         assert (welcome["index"], welcome["join"]) == (0, True)
+
+
+@pytest.mark.parametrize("duplicate_wait_s", [0.0, 15.0])
+def test_join_tries_a_duplicate_name_again_while_the_old_connection_may_be_a_ghost(certs, closing,
+                                                                                    duplicate_wait_s):
+    """A client whose name the server still holds (its own earlier connection, not yet noticed
+    gone) is refused as a duplicate; `join` tries again for up to duplicate_wait_s, and gets in
+    once the old connection is gone. Without that grace it stops at the first refusal."""
+    import threading
+
+    from splitlora.federation.client import join
+
+    d, _ = certs
+    s, logs = _server(d, closing)
+    ghost = _client(s, "a", d, closing)
+    s.wait_for_clients(1, timeout_s=10)
+    lines, out = [], {}
+
+    def rejoin():
+        try:
+            out["joined"] = join(lambda: _client(s, "a", d, closing), "x", 30, lines.append, first_delay_s=0.2,
+                                 duplicate_wait_s=duplicate_wait_s)
+        except TransportError as err:
+            out["error"] = err
+
+    t = threading.Thread(target=rejoin, daemon=True)
+    t.start()
+    if duplicate_wait_s:
+        assert _until(lambda: any("still holds a connection under this client's name" in line for line in lines))
+        ghost.close(grace_s=0.2)  # the server notices the old connection is gone
+        # The new connection is in once the server logged a second "connected" for a.
+        assert _until(lambda: sum("client a connected" in line for line in logs) == 2 or "error" in out)
+        assert "error" not in out and s.connected() == ["a"]
+        s.assign(["a"])
+        t.join(20)
+        transport, welcome = out["joined"]
+        assert welcome["index"] == 0 and transport.me == "client0"
+    else:
+        t.join(20)
+        assert not t.is_alive() and "joined" not in out
+        assert "already connected (a duplicate name; if that connection is this client's earlier process" in str(
+            out["error"])
+        assert not any("still holds" in line for line in lines)

@@ -180,7 +180,7 @@ def _fake_client(monkeypatch, tmp_path, ended, steps=3):
 
     joins, lines = [], []
 
-    def fake_join(connect, server, wait_s, log):
+    def fake_join(connect, server, wait_s, log, **kwargs):
         joins.append(server)
         return Transport(), {"index": 0, "clients": 2, "join": len(joins) > 1, "resume": False}
 
