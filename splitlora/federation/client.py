@@ -70,7 +70,14 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
     # A duplicate-name refusal is tried again for as long as the server may take to notice that
     # this client's earlier connection vanished (keepalive_s, then gRPC's 10 s ping timeout).
     duplicate_wait_s = f.keepalive_s + 15.0
-    transport, welcome = join(connect, server, f.wait_s, log, duplicate_wait_s=duplicate_wait_s)
+
+    def connected():
+        try:
+            return join(connect, server, f.wait_s, log, duplicate_wait_s=duplicate_wait_s)
+        except KeyboardInterrupt:  # Ctrl-C while waiting for the server: one line, no traceback
+            raise _interrupted_waiting(name, server) from None
+
+    transport, welcome = connected()
     # Automatic reconnections (after a drop or a broken connection). Each one that joins a running
     # run starts at a later round, so train.steps of them cover any run; the bound keeps a client
     # that the server keeps dropping (e.g. one always slower than step_timeout_s) from looping forever.
@@ -111,7 +118,7 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                 else:
                     log(f"federation: client {name} lost the server ({err}); reconnecting for up to {f.wait_s:g} s")
                 transport.close(grace_s=0)
-                transport, welcome = join(connect, server, f.wait_s, log, duplicate_wait_s=duplicate_wait_s)
+                transport, welcome = connected()
     finally:
         transport.close()
 
@@ -136,6 +143,17 @@ def _replace_own_folder(cfg, role: str, name: str, log) -> None:
 # the run is), it rejoins it.
 CLIENT_ADVICE = ("rerun the same command (a running server admits it at its next round; a server restarted "
                  "with resume=true resumes it)")
+
+
+def _interrupted_waiting(name: str, server: str):
+    """The RunInterrupted of a Ctrl-C while the client waits for the server (before a run, or
+    between two attempts), its message printed."""
+    from ..trainer import RunInterrupted
+
+    stop = RunInterrupted(f"client {name}: interrupted (SIGINT) while waiting for the server at {server}; this "
+                          f"attempt trained nothing: {CLIENT_ADVICE}", 130)
+    print(stop.message, file=sys.stderr, flush=True)
+    return stop
 
 
 def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls) -> None:

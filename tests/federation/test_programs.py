@@ -232,3 +232,25 @@ def test_a_client_joining_a_running_run_replaces_its_own_folder_only(tmp_path):
                      f"take their place)"]
     _replace_own_folder(cfg, "client1", "b", lines.append)  # nothing there any more: nothing said
     assert len(lines) == 1
+
+
+def test_a_client_interrupted_while_waiting_for_the_server_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the client waits for the server (join's backoff): RunInterrupted (exit status
+    130, no traceback) whose one line says what happened and what to do."""
+    from splitlora.federation import client as client_mod
+    from splitlora.trainer import RunInterrupted
+
+    def waiting(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client_mod, "join", waiting)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(RunInterrupted) as stop:
+        client_mod.run_client(_cfg(f"output_dir={tmp_path / 'run'}"), server="127.0.0.1:1", name="a", insecure=True,
+                              data=str(data), log=lambda *_: None)
+    assert stop.value.code == 130
+    assert stop.value.message == ("client a: interrupted (SIGINT) while waiting for the server at 127.0.0.1:1; this "
+                                  "attempt trained nothing: rerun the same command (a running server admits it at "
+                                  "its next round; a server restarted with resume=true resumes it)")
+    assert stop.value.message in capsys.readouterr().err
