@@ -41,7 +41,7 @@ INSECURE_WARNING = ("warning: --insecure: TLS is off; the server is not authenti
 def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = False, data: Optional[str] = None,
                output_dir: Optional[str] = None, log: Callable[[str], None] = print) -> int:
     from ..trainer import _Interrupts, _train
-    from .data import ClientData
+    from .data import ClientData, read_client_records
     from .grpc_transport import GrpcClientTransport
 
     check_federation_run(cfg)
@@ -52,6 +52,8 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
     if not Path(data).exists():
         # Before connecting: a typo should not cost a wait for the server, nor a slot in its run.
         raise ValueError(f"--data {data}: no such file or folder (this client's training data)")
+    # Read now: a file that cannot be read should not cost a wait for the server either.
+    records = read_client_records(cfg.data, data)
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     f = cfg.federation
@@ -97,7 +99,8 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
             run_cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite and not resume)
             try:
                 _run(run_cfg, role, transport, ClientData(data, int(welcome["index"]), int(welcome["clients"]),
-                                                           on_ready=_ready(transport, name, ready_wait)),
+                                                           on_ready=_ready(transport, name, ready_wait),
+                                                           records=records),
                      _agree(transport, f.wait_s), log, _train, _Interrupts)
                 log(f"federation: client {name} finished its {cfg.train.steps} steps")
                 return 0

@@ -13,6 +13,7 @@ reading `cfg.data`'s training files and partitioning them:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -65,35 +66,47 @@ class _Absent:
         pass
 
 
+def read_client_records(d, path: str):
+    """A client's training records (a RecordSets) from its own file. The client program reads them
+    once, before it connects (a file that cannot be read costs no wait for the server), and every
+    attempt of the run reuses them."""
+    from ..data.loading import RecordSets, _file_records
+    from ..data.records import SkipCounter
+
+    check_federation_data(d)
+    notes: List[str] = []
+    skips = SkipCounter("training")
+    # The client's file is read as data.source says, or (a config whose source is synthetic or
+    # e2e) as its suffix says.
+    d = dataclasses.replace(d, source=_source_for(d, path))
+    train, form = _file_records(d, path, "--data", d.format, skips, notes)
+    if not train:
+        raise ValueError(f"--data {path}: no usable training record ({skips.summary()})")
+    # A client evaluates nothing (the server holds the held-out data), but build() encodes an
+    # evaluation set: one of its own records stands in, and is never evaluated.
+    return RecordSets(train, train[:1], form, notes=notes, train_skips=skips)
+
+
 class ClientData:
     """`on_ready(samples)`: reports this client's sample count once its loader exists, and returns
     the server's "start" message ({"type": "start", "step": where a joining client starts, "samples":
     every client's count, when the server sends them}) or None."""
 
     def __init__(self, path: str, index: int, clients: int, *,
-                 on_ready: Optional[Callable[[int], Optional[dict]]] = None) -> None:
+                 on_ready: Optional[Callable[[int], Optional[dict]]] = None, records=None) -> None:
         self.path, self.index, self.clients = str(path), int(index), int(clients)
         self.on_ready = on_ready
+        self._records = records  # read_client_records' result, when the caller read them already
         # A client that joins a running federation: the step it starts at (from the server's
         # "start" message); None for one that starts with the run.
         self.start_step: Optional[int] = None
 
     def records(self, d, seed: int):
-        from ..data.loading import RecordSets, _file_records
-        from ..data.records import SkipCounter
-
-        check_federation_data(d)
-        notes: List[str] = []
-        skips = SkipCounter("training")
-        # The client's file is read as data.source says, or (a config whose source is synthetic or
-        # e2e) as its suffix says.
-        d = dataclasses.replace(d, source=_source_for(d, self.path))
-        train, form = _file_records(d, self.path, "--data", d.format, skips, notes)
-        if not train:
-            raise ValueError(f"--data {self.path}: no usable training record ({skips.summary()})")
-        # A client evaluates nothing (the server holds the held-out data), but build() encodes an
-        # evaluation set: one of its own records stands in, and is never evaluated.
-        return RecordSets(train, train[:1], form, notes=notes, train_skips=skips)
+        if self._records is None:
+            return read_client_records(d, self.path)
+        # A copy for each attempt: build() adds its own skips (records too long) to the counter.
+        return dataclasses.replace(self._records, notes=list(self._records.notes),
+                                   train_skips=copy.deepcopy(self._records.train_skips))
 
     def loaders(self, train_data, cfg, trim: bool):
         from ..data import ClientLoader

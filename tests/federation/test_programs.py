@@ -145,6 +145,22 @@ def test_a_client_with_a_missing_data_file_stops_before_connecting(tmp_path, cap
     assert "--data" in err and "clinet0.jsonl: no such file" in err
 
 
+def test_a_client_whose_data_file_cannot_be_read_stops_before_connecting(tmp_path, capsys):
+    """--data naming the wrong file (here the config itself, read as the config's JSON lines):
+    the reader's one-line error and exit 2 at once, with no wait for a server (none listens)."""
+    from splitlora.cli import main
+
+    write_data(tmp_path)
+    config = write_config(tmp_path)
+    started = time.monotonic()
+    assert main(["client", "--config", str(config), "--server", "127.0.0.1:1", "--name", "a", "--insecure",
+                 "--data", str(config)]) == 2
+    assert time.monotonic() - started < 30
+    out = capsys.readouterr()
+    assert "line 1 is not a JSON object" in out.err and "run.yaml" in out.err
+    assert "cannot be reached" not in out.out + out.err  # it never tried to connect
+
+
 def test_an_interrupted_client_is_told_to_rerun_the_same_command(tmp_path, capsys):
     """Ctrl-C in a client: a rerun of the same command rejoins the run (a running server admits it,
     a server restarted with resume=true resumes it); `resume=true` is the one-process advice."""
