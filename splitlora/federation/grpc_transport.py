@@ -156,19 +156,26 @@ class GrpcServerTransport(_LedgerMixin, Transport):
         # refusals, which end at once.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_clients + 4),
                                    options=channel_options(self.chunk_bytes, keepalive_s)
-                                   + [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)],
+                                   + [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                                      # gRPC binds with SO_REUSEPORT by default: a second server on the
+                                      # same port would start, and the kernel would split the clients
+                                      # between the two. Off, the second one is refused.
+                                      ("grpc.so_reuseport", 0)],
                                    maximum_concurrent_rpcs=max_clients)
         handler = grpc.stream_stream_rpc_method_handler(self._connect, request_deserializer=None,
                                                         response_serializer=None)
         service, method = METHOD.rsplit("/", 1)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.lstrip("/"),
                                                                                     {method: handler}),))
-        if self.insecure:
-            self.port = self._server.add_insecure_port(listen)
-        else:
-            ca, key, cert = server_credentials_files(certs_dir)
-            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-            self.port = self._server.add_secure_port(listen, creds)
+        try:
+            if self.insecure:
+                self.port = self._server.add_insecure_port(listen)
+            else:
+                ca, key, cert = server_credentials_files(certs_dir)
+                creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+                self.port = self._server.add_secure_port(listen, creds)
+        except RuntimeError:  # grpcio >= 1.5x raises where older ones returned port 0
+            self.port = 0
         if not self.port:
             raise ValueError(f"cannot listen on {listen!r} (federation.listen / --listen): the address is in use or "
                              f"not this machine's; give HOST:PORT, e.g. 127.0.0.1:50051")

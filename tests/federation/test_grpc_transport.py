@@ -323,3 +323,12 @@ def test_join_tries_a_duplicate_name_again_while_the_old_connection_may_be_a_gho
         assert "already connected (a duplicate name; if that connection is this client's earlier process" in str(
             out["error"])
         assert not any("still holds" in line for line in lines)
+
+
+def test_a_second_server_on_a_port_in_use_is_refused(certs, closing):
+    """gRPC's default SO_REUSEPORT would let a second server bind the same port and split the
+    clients between the two without a word; it is turned off, so the second one fails at once."""
+    d, _ = certs
+    s, _ = _server(d, closing)
+    with pytest.raises(ValueError, match=rf"cannot listen on '127.0.0.1:{s.port}' .*the address is in use"):
+        closing(GrpcServerTransport(f"127.0.0.1:{s.port}", certs_dir=d, timeout_s=5, log=lambda *_: None))
