@@ -292,7 +292,7 @@ def run_client(args: argparse.Namespace) -> int:
     _check_security(args)
     cfg = load_config(args.config, args.overrides)
     return join(cfg, server=args.server, name=args.name, certs_dir=args.certs, insecure=args.insecure,
-                data=args.data, output_dir=args.output_dir)
+                data=args.data, output_dir=args.output_dir, progress=not args.no_progress)
 
 
 def _check_security(args: argparse.Namespace) -> None:
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("client", help="join a federation as one client, with your own data",
                         usage="splitlora client [-h] --config FILE --server HOST:PORT --name NAME "
-                              "(--certs DIR | --insecure) [--data FILE] [--output-dir DIR] [key=value ...]",
+                              "(--certs DIR | --insecure) [--data FILE] [--output-dir DIR] [--no-progress] "
+                              "[key=value ...]",
                         description="Connects to the server, loads the client segment only and trains on FILE; "
                                     "the data never leaves this program.")
     cl.add_argument("--config", required=True, metavar="FILE", help="the run's YAML config (the server's)")
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "data.train_path)")
     cl.add_argument("--output-dir", default=None, metavar="DIR",
                     help="this client's checkpoints (default: OUTPUT_DIR-NAME beside the config's output_dir)")
+    cl.add_argument("--no-progress", action="store_true", help="no progress bar")
     cl.set_defaults(handler=run_client, subparser=cl, takes_overrides=True)
 
     fx = sub.add_parser("federation-example", help="write a first federation on one machine: data, config, certificates",

@@ -799,7 +799,9 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
             f"simulated time has not counted yet")
     transport = setup.transport
     bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.strategy}" + (f" ({role})" if role else ""), unit="step",
-               disable=not (progress and is_server), dynamic_ncols=True)
+               # A federation client shows its own bar (its steps, its bytes); dist clients share
+               # the server's terminal, so only the server shows one there.
+               disable=not (progress and (is_server or federation is not None)), dynamic_ncols=True)
     round_wall = 0.0
     round_sim = 0.0
     try:
@@ -847,6 +849,9 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
                     metrics.write({"type": "eval", "step": step, **_time_fields(totals),
                                    "eval_time_s": time.perf_counter() - eval0,
                                    **last_eval})
+            elif not bar.disable:  # a federation client: what it has sent and received so far
+                bar.update(1)
+                bar.set_postfix(moved=format_bytes(_bytes_moved(transport)))
             if end_of_round:
                 if is_server:
                     ledger = _ledger(transport)

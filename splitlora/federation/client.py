@@ -39,7 +39,7 @@ INSECURE_WARNING = ("warning: --insecure: TLS is off; the server is not authenti
 
 
 def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = False, data: Optional[str] = None,
-               output_dir: Optional[str] = None, log: Callable[[str], None] = print) -> int:
+               output_dir: Optional[str] = None, log: Callable[[str], None] = print, progress: bool = False) -> int:
     from ..trainer import _Interrupts, _train
     from .data import ClientData, read_client_records
     from .grpc_transport import GrpcClientTransport
@@ -101,7 +101,7 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                 _run(run_cfg, role, transport, ClientData(data, int(welcome["index"]), int(welcome["clients"]),
                                                            on_ready=_ready(transport, name, ready_wait),
                                                            records=records),
-                     _agree(transport, f.wait_s), log, _train, _Interrupts)
+                     _agree(transport, f.wait_s), log, _train, _Interrupts, progress=progress)
                 log(f"federation: client {name} finished its {cfg.train.steps} steps")
                 return 0
             except TransportError as err:
@@ -159,11 +159,11 @@ def _interrupted_waiting(name: str, server: str):
     return stop
 
 
-def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls) -> None:
+def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls, progress: bool = False) -> None:
     interrupts = interrupts_cls(Path(cfg.output_dir) / "clients" / role / "checkpoints")
     with interrupts:
         try:
-            train(cfg, role, progress=False, log=log, interrupts=interrupts, transport=transport,
+            train(cfg, role, progress=progress, log=log, interrupts=interrupts, transport=transport,
                   federation=federation, agree_resume=agree)
         except KeyboardInterrupt:
             stop = interrupts.stopped(role, CLIENT_ADVICE)

@@ -10,6 +10,7 @@ clients reconnect by themselves and the run still ends as the in-process one. Ev
 bounded and every process is killed in a `finally`.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -115,8 +116,10 @@ def test_federation_run_equals_the_in_process_run(setup, scenario):
     folder, _ = setup
     rc, output = scenario["server"]
     assert rc == 0, output
-    for rc, out in scenario["clients"]:
+    for c, (rc, out) in enumerate(scenario["clients"]):
         assert rc == 0, out
+        # Each client shows its own progress: its steps (all 4 of them) and the bytes it moved.
+        assert re.search(rf"splitlora \(client{c}\): 100%.*4/4.*moved=[\d.]+ [KM]iB", out), out
     assert "client0=a (24 samples), client1=b (24 samples), client2=c (24 samples)" in output
     _same_run(folder, "fed")
     # Each client kept its checkpoints in its own folder.
