@@ -25,6 +25,17 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models run faster so (no fork/join per op, and no
+    slowdown when the cores are shared). The folders that train tiny models use it for every test
+    (their conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

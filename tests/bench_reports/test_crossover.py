@@ -16,13 +16,8 @@ TINY = ["model.config.n_layer=3", "model.config.n_embd=32", "model.config.n_head
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):  # it trains tiny models (tests/conftest.py)
     yield
-    torch.set_num_threads(before)
 
 
 def _records(tmp_path, name, overrides):

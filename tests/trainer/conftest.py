@@ -1,12 +1,7 @@
-"""Trainer tests run tiny models, where one torch thread beats two (no fork/join per op, and no
-slowdown when the cores are shared)."""
+"""Trainer tests run tiny models: one torch thread for each (tests/conftest.py, one_torch_thread)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
