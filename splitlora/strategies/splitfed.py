@@ -489,15 +489,21 @@ class SplitLoRA(_SplitBase):
         if not group:
             return self._skipped_step(step, members, "every client of the step dropped out", start_sim)
         losses, sizes, grads = self._server_compute(step, group, received, metas)
-        grad_bytes = {}
-        for c in group:
-            sent = self._attempt(members, c, step, lambda c=c: self._send_down(c, step, grads[c]))
-            if sent is not FAILED:
-                grad_bytes[c] = sent
+        grad_bytes = self._send_gradients(step, grads, members)
         self.transport.flush()
         return StepResult(loss=float(torch.stack(losses).mean()), server_compute_s=self._server_timer.elapsed,
                           sim_time_s=self._simulated_step(group, sizes[0], sum(sizes), grad_bytes) + start_sim,
                           extra=self._member_events(members))
+
+    def _send_gradients(self, step: int, grads: Dict[int, object], members) -> Dict[int, int]:
+        """Each client's gradient at the cut (a tensor, or the encoder's future), sent down: the bytes
+        sent to each client that got its own (one that fails is dropped, in a federation)."""
+        sent_bytes = {}
+        for c, grad in grads.items():
+            sent = self._attempt(members, c, step, lambda c=c, grad=grad: self._send_down(c, step, grad))
+            if sent is not FAILED:
+                sent_bytes[c] = sent
+        return sent_bytes
 
     def _client_step(self, c: int, step: int) -> StepResult:
         if not self._client_round(c, step):
@@ -532,11 +538,7 @@ class SplitLoRA(_SplitBase):
         if not finished:
             return self._skipped_step(step, members, "every client of the step dropped out before sending its "
                                                      "gradients", start_sim)
-        grad_bytes = {}
-        for c in finished:
-            sent = self._attempt(members, c, step, lambda c=c: self._send_down(c, step, futures[c]))
-            if sent is not FAILED:
-                grad_bytes[c] = sent
+        grad_bytes = self._send_gradients(step, futures, members)
         # The loss is computed where the labels are, on each client, which reports its value (a
         # figure for the metrics, outside the protocol's packets and their byte counts).
         losses = []
