@@ -128,15 +128,18 @@ class DistTransport(Transport):
 
 
 class _Fault:
-    """Fault injection for the transport tests (SPLITLORA_INJECT_FAULT=<what>:<party>:<step>):
-    `corrupt` flips bytes of this party's activations packet at that step; `exit` ends the
-    process abruptly just before that send (a client that dies mid-round)."""
+    """Fault injection for the transport tests (SPLITLORA_INJECT_FAULT=<what>:<party>:<step>[:<kind>]):
+    `corrupt` flips bytes of this party's packet of that kind (default: activations) at that step;
+    `exit` ends the process abruptly just before that send (a client that dies mid-round; with
+    kind `gradients`, a U-shaped client that dies after its tail's forward and backward)."""
 
-    def __init__(self, what: str, step: int) -> None:
-        self.what, self.step = what, step
+    KINDS = ("activations", "gradients")
+
+    def __init__(self, what: str, step: int, kind: str = "activations") -> None:
+        self.what, self.step, self.kind = what, step, kind
 
     def apply(self, kind: str, step: int, packet: torch.Tensor) -> torch.Tensor:
-        if step != self.step or kind != "activations":
+        if step != self.step or kind != self.kind:
             return packet
         if self.what == "exit":
             os._exit(17)
@@ -149,13 +152,14 @@ def _fault_from_env(me: str) -> Optional[_Fault]:
     spec = os.environ.get("SPLITLORA_INJECT_FAULT")
     if not spec:
         return None
-    try:
-        what, party, step = spec.split(":")
-    except ValueError:
-        raise ValueError(f"SPLITLORA_INJECT_FAULT={spec!r}; expected <corrupt|exit>:<party>:<step>") from None
+    fields = spec.split(":")
+    if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] not in _Fault.KINDS):
+        raise ValueError(f"SPLITLORA_INJECT_FAULT={spec!r}; expected <corrupt|exit>:<party>:<step>[:<kind>], kind one "
+                         f"of {', '.join(_Fault.KINDS)}")
+    what, party, step = fields[:3]
     if what not in ("corrupt", "exit"):
         raise ValueError(f"SPLITLORA_INJECT_FAULT: unknown fault {what!r}; use corrupt or exit")
-    return _Fault(what, int(step)) if party == me else None
+    return _Fault(what, int(step), *fields[3:]) if party == me else None
 
 
 def init_distributed(*, world_size_expected: int, timeout_s: float, device: torch.device):

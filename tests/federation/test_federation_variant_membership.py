@@ -175,3 +175,38 @@ def test_a_round_whose_sampled_clients_all_drop_is_skipped(tmp_path):
         assert rounds[r]["clients"] == [f"client{sampled}"]
     summary = json.loads((run / "summary.json").read_text())
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["eval_loss"])
+
+
+@pytest.mark.slow
+def test_u_shape_client_that_dies_before_sending_its_tail_gradient_is_dropped(tmp_path):
+    """U-shape, min_clients=2 of 3: client b dies at step 3 after the server sent it the
+    activations at server_end, before it sends its gradient back. The server drops it while
+    waiting for that gradient, backpropagates the other two clients' gradients only (b's rows get
+    none), sends them theirs, and the run goes on and finishes with a and c."""
+    config = _setup(tmp_path, "{step_timeout_s: 20, wait_s: 60, min_clients: 2, start_clients: 3}")
+    procs = []
+    try:
+        server, server_log, address = _server(tmp_path, config, procs, U_SHAPE)
+        clients = [_client(tmp_path, config, address, c, "fed", procs, U_SHAPE,
+                           fault="exit:client1:3:gradients" if c == 1 else None) for c in range(3)]
+        assert finish(server, server_log, WAIT_S) == 0, server_log.read_text()
+        for c, (p, log) in enumerate(clients):
+            assert finish(p, log, 60) == (17 if c == 1 else 0), log.read_text()
+    finally:
+        kill_all(procs)
+    run = tmp_path / "runs" / "fed"
+    steps = {r["step"]: r for r in _records(run, "step")}
+    (drop,) = [d for r in steps.values() for d in r.get("dropped", [])]
+    assert (drop["name"], drop["step"]) == ("b", 3)
+    assert "gradients of step 3" in drop["reason"], drop  # dropped in the tail phase, not before
+    # Every step has a loss: step 3's is a's and c's (b never reported its own).
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in steps.values()) and len(steps) == 8
+    rounds = _records(run, "round")
+    for r in rounds[2:]:  # b is gone from the later rounds; a and c train on
+        assert r["bytes"]["client1"]["up"]["activations"] == 0
+        assert r["bytes"]["client0"]["up"]["gradients"] > 0 and r["bytes"]["client2"]["up"]["gradients"] > 0
+    # Round 1: b sent its tail gradient of step 2 only, and got the cut gradient of step 2 only.
+    b1 = rounds[1]["bytes"]["client1"]
+    assert b1["up"]["gradients"] > 0 and b1["down"]["gradients"] > 0 and b1["down"]["activations"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert math.isfinite(summary["eval_loss"]) and (run / "adapter" / "adapter_model.safetensors").is_file()
