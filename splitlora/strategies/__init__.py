@@ -4,7 +4,8 @@ from .centralized import Centralized
 from .fedcybgd import FedCyBGD
 from .fedlora import FedLoRA
 from .hsplitlora import HSplitLoRA
-from .splitfed import SplitLoRA, VanillaSL
+from .sl import VanillaSL
+from .splitfed import SplitLoRA
 
 STRATEGY_CLASSES = {cls.name: cls for cls in (SplitLoRA, VanillaSL, FedLoRA, Centralized, FedCyBGD, HSplitLoRA)}
 
