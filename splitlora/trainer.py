@@ -634,6 +634,7 @@ class _Interrupts:
     def __init__(self, ckpt_dir: Path) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.step: Optional[int] = None  # the step being trained (0-based)
+        self.steps_done = 0  # the steps this process finished (with their round's end), this time
         self.finished: Optional[int] = None  # train.steps, once the steps are done
         self.checkpoint = _UNKNOWN  # the step of the last whole checkpoint (None: none)
         self.signum: Optional[int] = None
@@ -828,6 +829,7 @@ def _train(cfg, role, *, progress: bool, log: Callable[[str], None],
             totals["server_compute_s"] += result.server_compute_s
             round_wall += wall
             round_sim += float(sim)
+            interrupts.steps_done += 1
             if is_server:
                 moved = _bytes_moved(transport)
                 # A skipped step (a federation's step whose clients all dropped out) has no loss.

@@ -15,8 +15,9 @@ the server says whether it trains (federation.clients_per_round).
 
 When the server drops it from a run that goes on (it missed federation.step_timeout_s, sent a
 packet that does not decode, its connection broke; the server says "dropped"), it rejoins by
-itself at a later round, at most train.steps times. When the connection to the server breaks
-(the server crashed or is restarting), it tries to reconnect with exponential backoff for up to
+itself at a later round (it stops after MAX_FRUITLESS_REJOINS attempts in a row that finish no
+step). When the connection to the server breaks (the server crashed or is restarting), it tries
+to reconnect with exponential backoff for up to
 federation.wait_s, and continues from the newest round that it and the restarted server both
 have checkpointed (or, if the server trained on, joins it as above). A server that ended the run
 ("done", "aborted") or refuses this client ("refused": another config, a duplicate name, the run
@@ -80,11 +81,10 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
             raise _interrupted_waiting(name, server) from None
 
     transport, welcome = connected()
-    # Automatic reconnections (after a drop or a broken connection). Each one that joins a running
-    # run starts at a later round, so train.steps of them cover any run; the bound keeps a client
-    # that the server keeps dropping (e.g. one always slower than step_timeout_s) from looping forever.
-    most = max(1, int(cfg.train.steps))
-    rejoins = 0
+    # Automatic reconnections (after a drop or a broken connection): as many as the run needs, but
+    # at most MAX_FRUITLESS_REJOINS in a row that finish no step, so that a client the server keeps
+    # dropping (e.g. one always slower than step_timeout_s) stops and says why.
+    rejoins = fruitless = 0
     try:
         while True:
             role = transport.me
@@ -97,11 +97,12 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
             # A client joining a running federation waits for the next round's start, up to a round.
             ready_wait = f.wait_s + (cfg.train.aggregate_every + 1) * timeout_s if joining else f.wait_s
             run_cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite and not resume)
+            attempt: dict = {}
             try:
                 _run(run_cfg, role, transport, ClientData(data, int(welcome["index"]), int(welcome["clients"]),
                                                            on_ready=_ready(transport, name, ready_wait),
                                                            records=records),
-                     _agree(transport, f.wait_s), log, _train, _Interrupts, progress=progress)
+                     _agree(transport, f.wait_s), log, _train, _Interrupts, progress=progress, seen=attempt)
                 log(f"federation: client {name} finished its {cfg.train.steps} steps")
                 return 0
             except TransportError as err:
@@ -109,15 +110,20 @@ def run_client(cfg, *, server: str, name: str, certs_dir=None, insecure: bool = 
                 kind = None if ended is None else ended.get("type")
                 if kind not in (None, "paused", "dropped"):
                     raise  # the server ended the run, or refuses this client: nothing to rejoin
-                if rejoins >= most:
-                    raise TransportError(f"client {name} gave up after {rejoins} automatic reconnections (at most "
-                                         f"train.steps={most}); the last: {ended.get('reason') if ended else err}"
-                                         ) from None
+                trained = attempt["interrupts"].steps_done if "interrupts" in attempt else 0
+                fruitless = 0 if trained else fruitless + 1
+                if fruitless >= MAX_FRUITLESS_REJOINS:
+                    raise TransportError(
+                        f"client {name} gave up: {fruitless} attempts in a row finished no step (the last ended: "
+                        f"{ended.get('reason') if ended else err}); if the server keeps dropping it for missing "
+                        f"federation.step_timeout_s, raise that (in every party's run.yaml), then rerun the same "
+                        f"command") from None
                 rejoins += 1
                 if kind == "dropped":
                     log(f"federation: client {name} was dropped by the server ({ended.get('reason', 'no reason given')}"
-                        f"); it rejoins the running federation (rejoin {rejoins} of at most {most}), trying for up "
-                        f"to {f.wait_s:g} s")
+                        f"); it rejoins the running federation (rejoin {rejoins}; {fruitless} attempt(s) in a row "
+                        f"without a finished step: it stops at {MAX_FRUITLESS_REJOINS}), trying for up to "
+                        f"{f.wait_s:g} s")
                 else:
                     log(f"federation: client {name} lost the server ({err}); reconnecting for up to {f.wait_s:g} s")
                 transport.close(grace_s=0)
@@ -142,6 +148,10 @@ def _replace_own_folder(cfg, role: str, name: str, log) -> None:
         f"adapters take their place)")
 
 
+# Automatic rejoins in a row that finish no step before a client gives up (see run_client).
+MAX_FRUITLESS_REJOINS = 5
+
+
 # What an interrupted client does next: it does not resume on its own (the server decides where
 # the run is), it rejoins it.
 CLIENT_ADVICE = ("rerun the same command (a running server admits it at its next round; a server restarted "
@@ -159,8 +169,12 @@ def _interrupted_waiting(name: str, server: str):
     return stop
 
 
-def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls, progress: bool = False) -> None:
+def _run(cfg, role, transport, federation, agree, log, train, interrupts_cls, progress: bool = False,
+         seen: Optional[dict] = None) -> None:
+    """One attempt at the run; `seen["interrupts"]`, when given, tells the caller how far it got."""
     interrupts = interrupts_cls(Path(cfg.output_dir) / "clients" / role / "checkpoints")
+    if seen is not None:
+        seen["interrupts"] = interrupts
     with interrupts:
         try:
             train(cfg, role, progress=progress, log=log, interrupts=interrupts, transport=transport,

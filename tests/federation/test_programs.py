@@ -1,5 +1,6 @@
 """The federation programs' checks, in one process: which configs can run as a federation, the
 config section, config agreement between parties, joining with backoff, and the CLI's refusals."""
+import re
 import threading
 import time
 
@@ -182,9 +183,10 @@ def test_an_interrupted_client_is_told_to_rerun_the_same_command(tmp_path, capsy
     assert _Interrupts(tmp_path).stopped("server").message.endswith(": rerun the same command with resume=true")
 
 
-def _fake_client(monkeypatch, tmp_path, ended, steps=3):
+def _fake_client(monkeypatch, tmp_path, ended, steps=3, trained=()):
     """run_client with a fake server whose every run ends in a TransportError after `ended` (the
-    server's last word): (the join calls, the log lines, the error run_client raised or None)."""
+    server's last word), attempt i having finished trained[i] steps first (0 past the list's end;
+    None: attempt i finishes the run): (the join calls, the log lines, the error raised or None)."""
     import splitlora.trainer as trainer
     from splitlora.federation import client as client_mod
 
@@ -200,7 +202,12 @@ def _fake_client(monkeypatch, tmp_path, ended, steps=3):
         joins.append(server)
         return Transport(), {"index": 0, "clients": 2, "join": len(joins) > 1, "resume": False}
 
-    def fake_train(cfg, role, *, transport, **kwargs):
+    def fake_train(cfg, role, *, transport, interrupts, **kwargs):
+        attempt = len(joins) - 1
+        done = trained[attempt] if attempt < len(trained) else 0
+        if done is None:
+            return {}
+        interrupts.steps_done = done
         transport.server_ended = ended
         raise TransportError("client0 expected gradients of step 1 from the server, but the connection ended")
 
@@ -216,12 +223,27 @@ def _fake_client(monkeypatch, tmp_path, ended, steps=3):
     return joins, lines, None
 
 
-def test_a_dropped_client_rejoins_at_most_train_steps_times(tmp_path, monkeypatch):
+def test_a_dropped_client_stops_after_five_attempts_in_a_row_that_finish_no_step(tmp_path, monkeypatch):
     joins, lines, err = _fake_client(monkeypatch, tmp_path, {"type": "dropped", "reason": "it waited 8 s"})
-    assert len(joins) == 1 + 3  # the first connection, then train.steps rejoins
+    assert len(joins) == 5  # the first connection, then 4 rejoins: 5 attempts without a finished step
     rejoins = [line for line in lines if "was dropped by the server (it waited 8 s); it rejoins the running " in line]
-    assert len(rejoins) == 3 and "(rejoin 3 of at most 3)" in rejoins[-1]
-    assert "gave up after 3 automatic reconnections (at most train.steps=3); the last: it waited 8 s" in str(err)
+    assert len(rejoins) == 4
+    assert "(rejoin 4; 4 attempt(s) in a row without a finished step: it stops at 5)" in rejoins[-1]
+    assert str(err) == ("client a gave up: 5 attempts in a row finished no step (the last ended: it waited 8 s); if "
+                        "the server keeps dropping it for missing federation.step_timeout_s, raise that (in every "
+                        "party's run.yaml), then rerun the same command")
+
+
+def test_a_dropped_client_that_trains_between_drops_rejoins_as_often_as_needed(tmp_path, monkeypatch):
+    """Attempts that finish steps reset the count: 7 drops (more than the limit of 5), each after
+    some training, then the 8th attempt finishes the run."""
+    joins, lines, err = _fake_client(monkeypatch, tmp_path, {"type": "dropped", "reason": "it waited 8 s"}, steps=40,
+                                     trained=[3, 0, 0, 2, 1, 0, 4, None])
+    assert err is None and len(joins) == 8
+    assert lines[-1] == "federation: client a finished its 40 steps"
+    streaks = [re.search(r"; (\d+) attempt\(s\) in a row", line).group(1) for line in lines
+               if "it rejoins the running" in line]
+    assert streaks == ["0", "1", "2", "0", "0", "1", "0"]
 
 
 @pytest.mark.parametrize("kind", ["done", "aborted", "refused"])
