@@ -17,9 +17,9 @@ When the server drops it from a run that goes on (it missed federation.step_time
 packet that does not decode, its connection broke; the server says "dropped"), it rejoins by
 itself at a later round (it stops after MAX_FRUITLESS_REJOINS attempts in a row that finish no
 step). When the connection to the server breaks (the server crashed or is restarting), it tries
-to reconnect with exponential backoff for up to
-federation.wait_s, and continues from the newest round that it and the restarted server both
-have checkpointed (or, if the server trained on, joins it as above). A server that ended the run
+to reconnect with exponential backoff for up to federation.wait_s, and continues from the newest
+round that it and the restarted server both have checkpointed (or, if the server trained on,
+joins it as above). A server that ended the run
 ("done", "aborted") or refuses this client ("refused": another config, a duplicate name, the run
 finished) ends it.
 """

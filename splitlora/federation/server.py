@@ -96,13 +96,13 @@ def run_server(cfg, *, listen: Optional[str] = None, certs_dir=None, insecure: b
                                                            for p, name, c in zip(parties, names, counts)))
                     # An absent client's FedAvg weight is set when it joins (SplitLoRA._admit); until
                     # then it is in no round.
-                    everyone = start_counts[:] = counts + [1] * (n - len(counts))
+                    start_counts[:] = counts + [1] * (n - len(counts))
                     # Every client's count goes with the start: privacy.epsilon sets the noise
                     # multiplier from the largest sample rate (batch / examples) of all clients, and
                     # each client must add the noise the server accounts for (federation.data.ClientData).
                     for p in parties:
-                        transport.send_control(p, {"type": "start", "samples": everyone})
-                    return everyone
+                        transport.send_control(p, {"type": "start", "samples": start_counts})
+                    return list(start_counts)
 
                 return _train(cfg, SERVER, progress=progress, log=log, interrupts=interrupts, transport=transport,
                               federation=ServerData(samples), agree_resume=agree)

@@ -1,6 +1,7 @@
 """Differential privacy at the cut in a federation of real processes on loopback (mutual TLS):
-plain SplitLoRA, a server and three clients, with privacy.clip and privacy.noise_multiplier
-(privacy.seed makes each client's noise reproducible) equals the in-process run of the same
+plain SplitLoRA, a server and three clients, with privacy.clip and privacy.noise_multiplier (or
+privacy.epsilon, whose noise needs every client's sample count, which the server's start message
+carries; privacy.seed makes each client's noise reproducible) equals the in-process run of the same
 config: adapters (rtol 1e-5 / atol 1e-6), step losses (rel 1e-6), byte counts exactly, and
 summary.json's privacy report (the epsilon of each client). Each client clips and noises its own
 activations (splitlora.strategies.splitfed._client_forward, in the client process) before they
